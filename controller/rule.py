@@ -1,0 +1,138 @@
+"""The entropy controller's decision rule, pure: no Ray, no Redis, no I/O.
+
+Paper (AEPO, Alg. 1): each step compares the policy entropy H with the target H*. If H <= H*
+the regularizer batch is drawn at a high temperature (1.2), otherwise at a low one (0.8); the
+correct, better-than-group samples of that batch get a REINFORCE update at T=1, which moves
+entropy up (T>1) or down (T<1).
+
+Reference code (597358816/AEPO, ray_trainer.fit): the same comparison with `<=`; before any
+entropy is measured it holds entropy = 0, so the first step goes *up*; it keeps
+min(m, #positives) samples going up and min(m, #positives) // 2 going down.
+
+Here: the same bang-bang rule with T and m as configuration (m_up=60, m_down=30 by default,
+i.e. the down count is configured rather than halved at run time); an unobserved entropy
+plans "up", as the reference does; the target may follow any schedule over steps, which the
+paper claims works but its code does not offer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConstantTarget(_Strict):
+    """H*(step) = value."""
+
+    type: Literal["constant"] = "constant"
+    value: float = Field(0.35, ge=0.0, description="Target entropy in nats per token.")
+
+
+class LinearTarget(_Strict):
+    """H* moves linearly from `start` (step 0) to `end` (step `steps`), then stays at `end`."""
+
+    type: Literal["linear"] = "linear"
+    start: float = Field(ge=0.0, description="Target at step 0, nats per token.")
+    end: float = Field(ge=0.0, description="Target from step `steps` on, nats per token.")
+    steps: int = Field(ge=1, description="Steps over which the target moves.")
+
+
+class CosineTarget(_Strict):
+    """H* follows half a cosine from `start` (step 0) to `end` (step `steps`), then stays."""
+
+    type: Literal["cosine"] = "cosine"
+    start: float = Field(ge=0.0, description="Target at step 0, nats per token.")
+    end: float = Field(ge=0.0, description="Target from step `steps` on, nats per token.")
+    steps: int = Field(ge=1, description="Steps over which the target moves.")
+
+
+class PiecewiseTarget(_Strict):
+    """H* = values[i] for boundaries[i-1] <= step < boundaries[i] (values has one more entry)."""
+
+    type: Literal["piecewise"] = "piecewise"
+    boundaries: list[int] = Field(description="Strictly increasing steps where the target changes.")
+    values: list[float] = Field(description="Targets, one more than boundaries, nats per token.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "PiecewiseTarget":
+        if len(self.values) != len(self.boundaries) + 1:
+            raise ValueError(
+                f"piecewise target needs len(values) == len(boundaries) + 1, "
+                f"got {len(self.values)} values and {len(self.boundaries)} boundaries"
+            )
+        if any(b <= a for a, b in zip(self.boundaries, self.boundaries[1:])):
+            raise ValueError(f"piecewise boundaries must be strictly increasing, got {self.boundaries}")
+        if any(v < 0 for v in self.values):
+            raise ValueError(f"piecewise targets must be >= 0, got {self.values}")
+        return self
+
+
+TargetSchedule = Annotated[
+    Union[ConstantTarget, LinearTarget, CosineTarget, PiecewiseTarget], Field(discriminator="type")
+]
+
+
+def target_at(schedule: TargetSchedule, step: int) -> float:
+    """The target entropy H*(step) of a schedule."""
+    if isinstance(schedule, ConstantTarget):
+        return schedule.value
+    if isinstance(schedule, LinearTarget):
+        frac = min(max(step, 0) / schedule.steps, 1.0)
+        return schedule.start + (schedule.end - schedule.start) * frac
+    if isinstance(schedule, CosineTarget):
+        frac = min(max(step, 0) / schedule.steps, 1.0)
+        return schedule.end + (schedule.start - schedule.end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    if isinstance(schedule, PiecewiseTarget):
+        return schedule.values[bisect.bisect_right(schedule.boundaries, step)]
+    raise TypeError(f"unknown target schedule {schedule!r}")
+
+
+class BangBangRule(_Strict):
+    """The paper's rule: T_up and m_up when H <= H*, else T_down and m_down."""
+
+    type: Literal["bang_bang"] = "bang_bang"
+    temperature_up: float = Field(1.2, gt=0.0, le=2.0, description="Regularizer temperature when H <= H*.")
+    temperature_down: float = Field(0.8, gt=0.0, le=2.0, description="Regularizer temperature when H > H*.")
+    m_up: int = Field(60, ge=0, description="Most regularizer positives kept when raising entropy.")
+    m_down: int = Field(30, ge=0, description="Most regularizer positives kept when lowering entropy.")
+
+
+ControllerRule = Annotated[Union[BangBangRule], Field(discriminator="type")]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the rollout service draws this step's regularizer batch with."""
+
+    temperature: float
+    m: int
+    target: float
+    direction: Literal["up", "down"]
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan(entropy: float | None, step: int, schedule: TargetSchedule, rule: ControllerRule) -> Plan:
+    """Decide the regularizer's temperature and size from the last observed entropy.
+
+    `entropy` is None before the learners have published one; the reference code starts
+    from entropy 0 and so goes up first, and so do we.
+    """
+    target = target_at(schedule, step)
+    if entropy is None:
+        return Plan(rule.temperature_up, rule.m_up, target, "up", "no entropy observed yet: raise (as the reference)")
+    if not math.isfinite(entropy):
+        raise ValueError(f"observed entropy must be finite, got {entropy}")
+    if entropy <= target:
+        return Plan(rule.temperature_up, rule.m_up, target, "up", f"H={entropy:.4f} <= H*={target:.4f}")
+    return Plan(rule.temperature_down, rule.m_down, target, "down", f"H={entropy:.4f} > H*={target:.4f}")

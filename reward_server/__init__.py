@@ -1,0 +1,1 @@
+"""The reward server: a FastAPI verification service (POST /v1/verify)."""

@@ -1,0 +1,1 @@
+"""AEPO on Ray: rollout, learner, driver, data and the algorithm's math (`services.algorithm`)."""

@@ -1,0 +1,290 @@
+"""Run configuration: pydantic v2 models with bounds and a description per field.
+
+Variants are tagged unions (`algorithm: {type: aepo, ...}`), never string switches; cross-field
+checks live in model validators. `load_config(path)` reads a YAML file; every YAML under
+`deploy/` is parsed by a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from controller.rule import BangBangRule, ConstantTarget, ControllerRule, TargetSchedule
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- algorithms
+
+
+class _PPOClip(_Strict):
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0, description="PPO clip ε_low: ratio floor is 1 - ε_low.")
+    clip_high: float = Field(
+        0.2, ge=0.0, description="PPO clip ε_high: ratio ceiling is 1 + ε_high (DAPO's clip-higher uses 0.28)."
+    )
+    dual_clip: float | None = Field(
+        None, gt=1.0, description="Dual-clip constant c (3 in Ye et al. 2020) bounding the loss of negative advantages; None = off."
+    )
+
+
+class GRPOConfig(_PPOClip):
+    """GRPO: group-normalised outcome advantages, PPO-clip, token-mean, no KL."""
+
+    type: Literal["grpo"] = "grpo"
+
+
+class AEPOConfig(_PPOClip):
+    """AEPO: GRPO plus a REINFORCE regularizer on positives drawn at a controlled temperature."""
+
+    type: Literal["aepo"] = "aepo"
+    target: TargetSchedule = Field(
+        default_factory=lambda: ConstantTarget(value=0.35), description="Target entropy H*(step), nats per token."
+    )
+    rule: ControllerRule = Field(default_factory=BangBangRule, description="The controller's decision rule.")
+    adv_threshold: float = Field(
+        0.05, ge=0.0, description="Keep regularizer samples whose group advantage exceeds this (reference: 0.05)."
+    )
+    coef: float = Field(
+        1.0, ge=0.0, description="α, the regularizer loss coefficient (1.0 reproduces the reference, where it is implicit)."
+    )
+    mode: Literal["replace", "append"] = Field(
+        "replace",
+        description="replace: the m positives replace the first m GRPO sequences (reference); append: added on top.",
+    )
+    prompt_share: float = Field(
+        0.25, gt=0.0, le=1.0, description="Share of the step's prompts the regularizer batch is drawn from (reference: 1/4)."
+    )
+
+    def regularizer_temperatures(self) -> tuple[float, float]:
+        return self.rule.temperature_up, self.rule.temperature_down
+
+
+class AEPOFixedTemperatureConfig(AEPOConfig):
+    """Ablation (paper Table 3): the regularizer batch is drawn at T = 1 whatever the entropy."""
+
+    type: Literal["aepo_t1"] = "aepo_t1"  # type: ignore[assignment]
+
+    @model_validator(mode="after")
+    def _force_t1(self) -> "AEPOFixedTemperatureConfig":
+        if self.rule.temperature_up != 1.0 or self.rule.temperature_down != 1.0:
+            self.rule = self.rule.model_copy(update={"temperature_up": 1.0, "temperature_down": 1.0})
+        return self
+
+
+class AEPOSignedConfig(AEPOConfig):
+    """Ablation (paper Table 3): regularizer samples keep their signed group advantages; negatives are not filtered."""
+
+    type: Literal["aepo_signed"] = "aepo_signed"  # type: ignore[assignment]
+
+
+class EntropyRegConfig(_PPOClip):
+    """Entropy bonus: maximise J + β·H̄ with H̄ the exact token-mean entropy (gradient flows through it)."""
+
+    type: Literal["entropy_reg"] = "entropy_reg"
+    beta: float = Field(0.015, ge=0.0, description="Entropy bonus coefficient β (paper baseline: 0.015).")
+
+
+class EntropyAdvConfig(_PPOClip):
+    """Entropy-based advantage (Cheng et al. 2025): Â_t = A_t + min(α·H_t.detach(), |A_t|/κ)."""
+
+    type: Literal["entropy_adv"] = "entropy_adv"
+    alpha: float = Field(0.4, ge=0.0, description="α, scale of the entropy term (paper baseline: 0.4).")
+    kappa: float = Field(2.0, gt=0.0, description="κ, the term is capped at |A_t|/κ (paper baseline: 2).")
+
+
+class ClipCovConfig(_PPOClip):
+    """Clip-Cov (Cui et al. 2025): detach a random clip_ratio share of tokens whose centred cov(logπ, A) is in (lb, ub)."""
+
+    type: Literal["clip_cov"] = "clip_cov"
+    clip_ratio: float = Field(2e-4, gt=0.0, le=1.0, description="Share of response tokens whose gradient is cut.")
+    cov_lb: float = Field(1.0, description="Lower covariance bound of the candidate tokens.")
+    cov_ub: float = Field(5.0, description="Upper covariance bound of the candidate tokens.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "ClipCovConfig":
+        if self.cov_ub <= self.cov_lb:
+            raise ValueError(f"clip_cov needs cov_ub > cov_lb, got lb={self.cov_lb}, ub={self.cov_ub}")
+        return self
+
+
+class KLCovConfig(_PPOClip):
+    """KL-Cov (Cui et al. 2025): |log π − log π_old| penalty on the top kl_ratio share of tokens by cov(logπ, A)."""
+
+    type: Literal["kl_cov"] = "kl_cov"
+    kl_ratio: float = Field(2e-3, gt=0.0, le=1.0, description="Share of response tokens that get the KL penalty.")
+    kl_coef: float = Field(1.0, ge=0.0, description="Coefficient of the |log-ratio| penalty on those tokens.")
+
+
+AlgorithmConfig = Annotated[
+    Union[
+        GRPOConfig,
+        AEPOConfig,
+        AEPOFixedTemperatureConfig,
+        AEPOSignedConfig,
+        EntropyRegConfig,
+        EntropyAdvConfig,
+        ClipCovConfig,
+        KLCovConfig,
+    ],
+    Field(discriminator="type"),
+]
+
+AEPO_TYPES = (AEPOConfig,)  # the ablations subclass AEPOConfig, so isinstance covers them
+
+
+# --------------------------------------------------------------------------- system sections
+
+
+class TinyModelConfig(_Strict):
+    """The embedded default: a Qwen2-architecture model built and initialised by the project."""
+
+    hidden_size: int = Field(128, ge=8, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; hidden_size / num_heads >= 32 for vLLM.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "TinyModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class ModelConfig(_Strict):
+    path: str | None = Field(
+        None, description="Local path or hub name of an HF causal LM; None builds the embedded tiny model."
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the embedded tiny model.")
+    chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template.")
+
+
+class CountdownDataConfig(_Strict):
+    """The toy task: three numbers 1–9 and a target, answered in two arithmetic steps."""
+
+    type: Literal["countdown"] = "countdown"
+    num_train: int = Field(20000, ge=1, description="Training problems generated.")
+    num_eval: int = Field(256, ge=1, description="Held-out problems generated (disjoint from training).")
+    space_prob: float = Field(
+        0.2, ge=0.0, le=1.0, description="Warm-start answers insert an optional space at each of 9 places with this probability."
+    )
+    seed: int = Field(0, description="Seed of the problem generator.")
+
+
+class FileDataConfig(_Strict):
+    """Prompts and reference answers from local JSONL or Parquet files (DAPO-Math-17k, MATH style)."""
+
+    type: Literal["file"] = "file"
+    train_path: str = Field(description="JSONL or Parquet file of training prompts.")
+    eval_path: str | None = Field(None, description="Held-out file; None = no eval.")
+    prompt_key: str = Field("prompt", description="Field holding the prompt text.")
+    answer_key: str = Field("answer", description="Field holding the reference answer.")
+    task: str = Field("math", description="Reward-server verifier for these items.")
+
+
+DataConfig = Annotated[Union[CountdownDataConfig, FileDataConfig], Field(discriminator="type")]
+
+
+class RolloutConfig(_Strict):
+    engine: Literal["hf", "vllm", "vllm-cpu"] = Field("hf", description="Generation engine adapter.")
+    num_actors: int = Field(1, ge=1, description="Rollout actors (each holds one engine).")
+    group_size: int = Field(8, ge=2, description="G: samples per prompt; advantages are normalised within a group.")
+    max_tokens: int = Field(24, ge=1, description="Longest response, in tokens.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling; 1.0 = off (the theory assumes it off).")
+    gpu_memory_utilization: float = Field(
+        0.05, gt=0.0, le=1.0, description="vLLM's memory reservation share (keep low on CPU: it reserves RAM)."
+    )
+
+
+class LearnerConfig(_Strict):
+    num_workers: int = Field(2, ge=1, description="FSDP learner actors (one torch.distributed rank each).")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0.0, description="Global grad-norm clip.")
+    micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one worker.")
+    mini_batches: int = Field(1, ge=1, description="Optimizer steps per RL step (the batch is split into this many).")
+    entropy_chunk_size: int = Field(4096, ge=1, description="Rows per chunk in the exact-entropy computation.")
+
+
+class RewardConfig(_Strict):
+    mode: Literal["serve", "standalone", "external"] = Field(
+        "serve", description="serve: Ray Serve in the job's cluster; standalone: a local uvicorn process; external: `url`."
+    )
+    url: str | None = Field(None, description="Base URL of an external reward server.")
+    replicas: int = Field(1, ge=1, description="Serve replicas.")
+    timeout_s: float = Field(10.0, gt=0.0, description="Per-item verification deadline, seconds.")
+
+    @model_validator(mode="after")
+    def _url(self) -> "RewardConfig":
+        if self.mode == "external" and not self.url:
+            raise ValueError("reward.mode 'external' needs reward.url")
+        return self
+
+
+class ControllerConfig(_Strict):
+    entropy_source: Literal["exact", "sampled"] = Field(
+        "exact",
+        description="exact: full-vocabulary token-mean entropy at T=1 of the GRPO batch; sampled: mean −log π(o_t) (the reference's signal).",
+    )
+    redis_url: str | None = Field(None, description="Persist controller state in Redis; None = in memory.")
+    name: str = Field("aepo-entropy-controller", description="Name of the controller's Ray actor.")
+
+
+class TrainerConfig(_Strict):
+    steps: int = Field(150, ge=1, description="RL steps.")
+    prompts_per_step: int = Field(32, ge=1, description="B: prompts per step (the GRPO batch is B × G).")
+    eval_every: int = Field(50, ge=0, description="Eval every K steps (0 = only at the end).")
+    eval_samples: int = Field(8, ge=1, description="Samples per held-out prompt for avg@k / pass@k.")
+    save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
+    seed: int = Field(0, description="Seed for data order, sampling and init.")
+    output_dir: str = Field("runs/default", description="Where metrics.jsonl, summary.json, plots and checkpoints go.")
+
+
+class TrainConfig(_Strict):
+    """One RL run."""
+
+    run_name: str = Field("aepo", min_length=1, description="Run id; a label on every metric.")
+    algorithm: AlgorithmConfig = Field(default_factory=AEPOConfig, description="The policy-optimisation variant.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=CountdownDataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a YAML run config; raise ValueError naming the file and each bad field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a run config is a mapping, got {type(raw).__name__}")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: invalid run config:\n{exc}") from exc
+
+
+def check_config_main(args: argparse.Namespace) -> int:
+    rc = 0
+    for p in args.paths:
+        try:
+            cfg = load_config(p)
+        except (OSError, ValueError) as exc:
+            print(exc)
+            rc = 1
+            continue
+        print(f"# {p}: ok")
+        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    return rc
