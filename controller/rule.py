@@ -22,11 +22,22 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _type_or(default: str):
+    """Discriminator that reads `type` and falls back to `default` when it is left out."""
+
+    def pick(value) -> str:
+        if isinstance(value, dict):
+            return value.get("type", default)
+        return getattr(value, "type", default)
+
+    return Discriminator(pick)
 
 
 class ConstantTarget(_Strict):
@@ -76,7 +87,13 @@ class PiecewiseTarget(_Strict):
 
 
 TargetSchedule = Annotated[
-    Union[ConstantTarget, LinearTarget, CosineTarget, PiecewiseTarget], Field(discriminator="type")
+    Union[
+        Annotated[ConstantTarget, Tag("constant")],
+        Annotated[LinearTarget, Tag("linear")],
+        Annotated[CosineTarget, Tag("cosine")],
+        Annotated[PiecewiseTarget, Tag("piecewise")],
+    ],
+    _type_or("constant"),
 ]
 
 
@@ -105,7 +122,7 @@ class BangBangRule(_Strict):
     m_down: int = Field(30, ge=0, description="Most regularizer positives kept when lowering entropy.")
 
 
-ControllerRule = Annotated[Union[BangBangRule], Field(discriminator="type")]
+ControllerRule = Annotated[Union[Annotated[BangBangRule, Tag("bang_bang")]], _type_or("bang_bang")]
 
 
 @dataclass(frozen=True)

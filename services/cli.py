@@ -23,7 +23,7 @@ class Command:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=300, help="update steps per temperature (default 300)")
+    p.add_argument("--steps", type=int, default=400, help="RL steps per run (default 400)")
     p.add_argument("--arms", type=int, default=16, help="bandit arms (default 16)")
     p.add_argument("--lr", type=float, default=0.5, help="step size on the logits (default 0.5)")
     p.add_argument("--seed", type=int, default=0)

@@ -150,6 +150,9 @@ class TinyModelConfig(_Strict):
     num_layers: int = Field(4, ge=1, description="Transformer blocks.")
     num_heads: int = Field(4, ge=1, description="Attention heads; hidden_size / num_heads >= 32 for vLLM.")
     intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(
+        256, ge=16, description="Longest prompt + response in tokens (vLLM sizes its KV cache by it)."
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> "TinyModelConfig":

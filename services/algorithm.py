@@ -1,0 +1,376 @@
+"""AEPO and its baselines, as pure functions over tensors (no Ray, vLLM, FSDP or HTTP here).
+
+What the paper says (AEPO, "Arbitrary Entropy Policy Optimization"):
+  * GRPO's objective is kept as it is. Besides the GRPO batch (T=1), each step draws a
+    regularizer batch from a quarter of the prompts at T=1.2 when the measured entropy
+    H <= H*, else at T=0.8. Correct samples that beat their group (advantage > 0.05) are kept,
+    at most m (60 going up, 30 going down), and get a plain REINFORCE term -log pi(o) at T=1
+    with advantage 1. Positives drawn hot pull entropy up, cold ones pull it down
+    (Thm 4.3 / Cor 4.4; `tests/services/test_algorithm_theory.py` checks it numerically).
+
+What the reference implementation (github 597358816/AEPO, verl fork) does:
+  * advantages (r - mean) / (std + 1e-6) with the *unbiased* std (torch.std) per group;
+  * the m selected sequences *replace* the first m sequences of the GRPO batch, which then
+    goes through the ordinary PPO-clip update with advantage 1 on them (one update per step,
+    so their ratio is 1 and the gradient is exactly REINFORCE's);
+  * token-mean aggregation over the whole (mixed) batch; no KL;
+  * the entropy fed to the controller is the sampled-token estimate mean(-log pi(o_t)) of the
+    update batch, regularizer rows included; going down it keeps min(m, #pos) // 2.
+
+What this module does, and where it differs:
+  * `group_advantages` uses the unbiased std, as the reference.
+  * `policy_loss` computes the regularizer rows' term as REINFORCE without clipping
+    (identical gradient to the reference at ratio 1; it differs only if one batch is used for
+    several optimizer steps, where the reference would clip it), times an explicit
+    coefficient `coef` (alpha; 1.0 reproduces the reference).
+  * Two layouts: `replace` (the reference) and `append` (nothing dropped; the regularizer term
+    is normalised by the GRPO token count, so GRPO's gradient is unchanged).
+  * The controller's entropy signal defaults to the exact full-vocabulary entropy at T=1 of
+    the GRPO rows (`exact_entropy`); the reference's estimate is `sampled_entropy_estimate`.
+  * approx_kl is Schulman's k3 estimator ((r - 1) - log r, >= 0); the reference logs k1.
+  * Clip-Cov and KL-Cov follow Cui et al. 2025 (and verl's implementation of them): Clip-Cov
+    keeps PPO's clip and zeroes the gradient of max(1, int(ratio * n)) random tokens whose
+    centred covariance lies in (lb, ub); KL-Cov drops PPO's clip and adds coef*|log r| on the
+    top max(1, int(ratio * n)) tokens by covariance. Covariances are taken over the GRPO
+    tokens of the micro-batch passed in.
+
+Losses are returned as *sums over the given tokens divided by `normalizer`*, so micro-batches
+(and data-parallel ranks) add up to the token-mean of the whole batch; pass the global token
+count as `normalizer` (see `loss_token_count`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from services.config import (
+    AEPOConfig,
+    AEPOSignedConfig,
+    AlgorithmConfig,
+    ClipCovConfig,
+    EntropyAdvConfig,
+    EntropyRegConfig,
+    KLCovConfig,
+)
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages (r - mean) / (std + eps) within consecutive groups of `group_size`.
+
+    std is the unbiased (n-1) sample std, as the reference's torch.std. A group whose rewards
+    are all equal gets advantage 0 for every member.
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {group_size}")
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got shape {tuple(rewards.shape)}")
+    r = rewards.reshape(-1, group_size).double()
+    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
+    return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
+
+
+# ----------------------------------------------------------------------------- log-probs, entropy
+
+
+def _row_chunks(n: int, chunk_size: int) -> Iterator[slice]:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    for start in range(0, n, chunk_size):
+        yield slice(start, min(start + chunk_size, n))
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor,
+    tokens: torch.Tensor | None,
+    temperature: float = 1.0,
+    chunk_size: int = 4096,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """log pi_T(tokens) and the exact full-vocabulary entropy of pi_T = softmax(logits / T).
+
+    logits [B, L, V], tokens [B, L]. Rows (B*L positions) are processed `chunk_size` at a time,
+    so no [B*L, V] float tensor beyond the logits themselves is alive at once outside a chunk.
+    Differentiable. Returns ([B, L] or None, [B, L] or None).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, L, V = logits.shape
+    flat = logits.reshape(B * L, V)
+    flat_tok = tokens.reshape(B * L) if tokens is not None else None
+    lps, ents = [], []
+    for sl in _row_chunks(B * L, chunk_size):
+        z = flat[sl]
+        if z.dtype in (torch.float16, torch.bfloat16):  # softmax in half precision loses the tail
+            z = z.float()
+        logp = F.log_softmax(z / temperature, dim=-1)
+        if flat_tok is not None:
+            lps.append(logp.gather(-1, flat_tok[sl].unsqueeze(-1)).squeeze(-1))
+        if with_entropy:
+            ents.append(-(logp.exp() * logp).sum(-1))
+    lp = torch.cat(lps).reshape(B, L) if flat_tok is not None else None
+    ent = torch.cat(ents).reshape(B, L) if with_entropy else None
+    return lp, ent
+
+
+def token_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_size: int = 4096
+) -> torch.Tensor:
+    """log pi_T(o_t) of the given tokens, [B, L] (chunked, differentiable)."""
+    lp, _ = token_logprobs_and_entropy(logits, tokens, temperature, chunk_size, with_entropy=False)
+    return lp
+
+
+def exact_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: int = 4096) -> torch.Tensor:
+    """Exact entropy -sum_v pi_T(v) log pi_T(v) at every position, [B, L] (chunked, differentiable)."""
+    _, ent = token_logprobs_and_entropy(logits, None, temperature, chunk_size, with_entropy=True)
+    return ent
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is 1 (0 when the mask is empty)."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def sampled_entropy_estimate(logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token-mean of -log pi(o_t) over sampled tokens: an unbiased estimate of the mean entropy
+    when o_t ~ pi (what the reference implementation feeds its controller)."""
+    return masked_mean(-logp, mask)
+
+
+# ----------------------------------------------------------------------------- AEPO regularizer
+
+
+def select_regularizer(
+    rewards: torch.Tensor,
+    advantages: torch.Tensor,
+    m: int,
+    threshold: float = 0.05,
+    signed: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the regularizer sequences from a regularizer batch; returns (indices, advantages).
+
+    Default (AEPO): samples with reward 1 and group advantage > threshold, i.e. correct answers
+    from groups that are not all-correct; the first m in batch order (as the reference), each
+    with advantage 1. `signed` (the paper's ablation): every sample with |advantage| >
+    threshold, negatives included, the first m, keeping their signed group advantages.
+    """
+    if m < 0:
+        raise ValueError(f"m must be >= 0, got {m}")
+    if rewards.shape != advantages.shape or rewards.dim() != 1:
+        raise ValueError(f"rewards and advantages must be 1-D of one shape, got {tuple(rewards.shape)}, {tuple(advantages.shape)}")
+    if signed:
+        keep = advantages.abs() > threshold
+    else:
+        keep = (rewards >= 1.0) & (advantages > threshold)
+    idx = keep.nonzero(as_tuple=False).flatten()[:m]
+    adv = advantages[idx].float() if signed else torch.ones(idx.numel(), dtype=torch.float32)
+    return idx, adv
+
+
+def grpo_rows_kept(n_grpo: int, n_selected: int, mode: str) -> range:
+    """Which GRPO rows stay in the update batch once n_selected regularizer rows join it.
+
+    replace (reference): the selected rows replace the first n_selected GRPO rows;
+    append: every GRPO row stays.
+    """
+    if mode == "replace":
+        return range(min(n_selected, n_grpo), n_grpo)
+    if mode == "append":
+        return range(n_grpo)
+    raise ValueError(f"unknown regularizer mode {mode!r} (replace | append)")
+
+
+def loss_token_count(cfg: AlgorithmConfig, mask: torch.Tensor, is_regularizer: torch.Tensor) -> int:
+    """Tokens this (micro-)batch contributes to the loss normaliser.
+
+    AEPO in append mode normalises by the GRPO tokens only, so the GRPO gradient is exactly
+    GRPO's; everything else (replace mode, the baselines) by every response token.
+    """
+    if isinstance(cfg, AEPOConfig) and cfg.mode == "append":
+        return int((mask.bool() & ~is_regularizer.bool().unsqueeze(1)).sum().item())
+    return int(mask.bool().sum().item())
+
+
+def needs_entropy(cfg: AlgorithmConfig) -> bool:
+    """True when `policy_loss` needs the per-token entropy (with grad for Entropy-Reg)."""
+    return isinstance(cfg, (EntropyRegConfig, EntropyAdvConfig))
+
+
+# ----------------------------------------------------------------------------- policy losses
+
+
+def ppo_clip_token_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip loss -min(r A, clip(r, 1-eps_low, 1+eps_high) A), optionally dual-clipped.
+
+    Dual-clip (Ye et al. 2020) bounds the loss of negative advantages by -c*A. Returns
+    (loss, clipped: bool mask of tokens whose gradient the clip removed, k3 approx-KL).
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(unclipped, clipped)
+    was_clipped = clipped > unclipped
+    if dual_clip is not None:
+        bound = -adv * dual_clip
+        dual_active = (adv < 0) & (loss > bound)
+        loss = torch.where(dual_active, bound, loss)
+        was_clipped = was_clipped | dual_active
+    approx_kl = (ratio - 1.0) - log_ratio
+    return loss, was_clipped, approx_kl.detach()
+
+
+def _centred_cov(logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(A - mean A)(log pi - mean log pi) per token, means over the masked tokens (Cui et al.)."""
+    lp = logp.detach()
+    return (adv - masked_mean(adv, mask)) * (lp - masked_mean(lp, mask))
+
+
+def clip_cov_token_loss(
+    logp, old_logp, adv, mask, cfg: ClipCovConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clip-Cov: PPO-clip, plus zero gradient on a random few tokens with cov in (lb, ub)."""
+    loss, was_clipped, kl = ppo_clip_token_loss(logp, old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    cov = _centred_cov(logp, adv, mask)
+    candidates = ((cov > cfg.cov_lb) & (cov < cfg.cov_ub) & mask.bool() & ~was_clipped).nonzero(as_tuple=False)
+    n_cut = max(int(cfg.clip_ratio * int(mask.sum().item())), 1)
+    if candidates.shape[0] > 0:
+        perm = torch.randperm(candidates.shape[0], generator=generator)[:n_cut]
+        chosen = candidates[perm]
+        keep = torch.ones_like(loss)
+        keep[chosen[:, 0], chosen[:, 1]] = 0.0
+        loss = loss * keep
+        was_clipped = was_clipped | (keep == 0)
+    return loss, was_clipped, kl
+
+
+def kl_cov_token_loss(logp, old_logp, adv, mask, cfg: KLCovConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KL-Cov: unclipped -r A, plus coef*|log r| on the top tokens by cov(log pi, A)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    loss = -adv * ratio
+    valid = mask.bool()
+    n_valid = int(valid.sum().item())
+    penalised = torch.zeros_like(valid)
+    if n_valid > 0:
+        k = max(1, int(n_valid * cfg.kl_ratio))
+        cov = _centred_cov(logp, adv, mask).masked_fill(~valid, float("-inf"))
+        top = torch.topk(cov.flatten(), k).indices
+        penalised.view(-1)[top] = True
+        loss = torch.where(penalised, loss + cfg.kl_coef * log_ratio.abs(), loss)
+    approx_kl = ((ratio - 1.0) - log_ratio).detach()
+    return loss, penalised, approx_kl
+
+
+def entropy_advantage(adv: torch.Tensor, entropy: torch.Tensor, alpha: float, kappa: float) -> torch.Tensor:
+    """Entropy-Adv (Cheng et al. 2025): A_t + min(alpha * H_t.detach(), |A_t| / kappa)."""
+    return adv + torch.minimum(alpha * entropy.detach(), adv.abs() / kappa)
+
+
+def policy_loss(
+    cfg: AlgorithmConfig,
+    *,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    is_regularizer: torch.Tensor,
+    normalizer: float,
+    entropy: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The whole policy loss of one (micro-)batch for any algorithm in the config union.
+
+    logp/old_logp/mask/entropy are [B, L] over response positions (log-probs at T=1);
+    advantages [B] per sequence; is_regularizer [B] marks AEPO regularizer rows, whose
+    advantage is 1 (or signed, for the ablation) as returned by `select_regularizer`.
+    GRPO rows get the algorithm's policy-gradient loss, regularizer rows
+    -coef * A * log pi(o_t). Both are summed over tokens and divided by `normalizer`.
+
+    Returns (loss, stats) where pg_loss, reg_loss, entropy_bonus are additive across
+    micro-batches and clipped_tokens, approx_kl_sum, grpo_tokens, reg_tokens are raw sums.
+    """
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    is_reg = is_regularizer.bool()
+    if is_reg.any() and not isinstance(cfg, AEPOConfig):
+        raise ValueError(f"{cfg.type} has no regularizer rows, but {int(is_reg.sum())} were passed")
+    if needs_entropy(cfg) and entropy is None:
+        raise ValueError(f"{cfg.type} needs the per-token entropy")
+    maskf = mask.to(logp.dtype)
+    grpo_mask = maskf * (~is_reg).unsqueeze(1).to(logp.dtype)
+    reg_mask = maskf * is_reg.unsqueeze(1).to(logp.dtype)
+    adv = advantages.to(logp.dtype).unsqueeze(1).expand_as(logp)
+
+    if isinstance(cfg, EntropyAdvConfig):
+        adv = entropy_advantage(adv, entropy, cfg.alpha, cfg.kappa)
+    if isinstance(cfg, ClipCovConfig):
+        tok_loss, clipped, kl = clip_cov_token_loss(logp, old_logp, adv, grpo_mask, cfg, generator)
+    elif isinstance(cfg, KLCovConfig):
+        tok_loss, clipped, kl = kl_cov_token_loss(logp, old_logp, adv, grpo_mask, cfg)
+    else:
+        tok_loss, clipped, kl = ppo_clip_token_loss(logp, old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+
+    pg_loss = (tok_loss * grpo_mask).sum() / normalizer
+    loss = pg_loss
+    reg_loss = torch.zeros((), dtype=logp.dtype)
+    if isinstance(cfg, AEPOConfig):
+        reg_loss = (-cfg.coef * adv * logp * reg_mask).sum() / normalizer
+        loss = loss + reg_loss
+    bonus = torch.zeros((), dtype=logp.dtype)
+    if isinstance(cfg, EntropyRegConfig):
+        bonus = cfg.beta * (entropy * grpo_mask).sum() / normalizer
+        loss = loss - bonus
+    stats = {
+        "pg_loss": float(pg_loss.detach()),
+        "reg_loss": float(reg_loss.detach()),
+        "entropy_bonus": float(bonus.detach()),
+        "clipped_tokens": float((clipped.to(logp.dtype) * grpo_mask).sum()),
+        "approx_kl_sum": float((kl * grpo_mask).sum()),
+        "grpo_tokens": float(grpo_mask.sum()),
+        "reg_tokens": float(reg_mask.sum()),
+    }
+    return loss, stats
+
+
+def is_signed_regularizer(cfg: AlgorithmConfig) -> bool:
+    """True for the signed-advantage ablation (negatives kept in the regularizer)."""
+    return isinstance(cfg, AEPOSignedConfig)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable product.
+
+    1 - prod_{i=n-c+1}^{n} (1 - k/i), summed in log space: exact to float precision for
+    n in the thousands, where the binomials themselves overflow.
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    log_fail = sum(math.log1p(-k / i) for i in range(n - c + 1, n + 1))
+    return 1.0 - math.exp(log_fail)
+
+
+def avg_at_k(correct: torch.Tensor) -> float:
+    """avg@k: mean correctness over prompts × k samples ([P, k] of 0/1)."""
+    if correct.numel() == 0:
+        raise ValueError("avg@k of no samples")
+    return float(correct.float().mean())
