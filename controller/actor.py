@@ -1,0 +1,232 @@
+"""The entropy controller: the pure rule (controller.rule) plus state, persistence and metrics.
+
+The learners publish each step's entropy here (`observe`); the rollout service asks for the
+regularizer plan here (`plan`). The driver never computes a decision. With a Redis URL the
+state (last observation per source, the decision log's tail) lives in Redis, so a restarted
+controller makes the same next decision; otherwise it lives in memory.
+
+`ControllerCore` is plain Python (unit-tested with an in-memory store and a fake metrics sink);
+`EntropyControllerActor` is the Ray actor around it (named, detached-capable), exporting
+Prometheus metrics through `ray.util.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from typing import Any, Protocol
+
+from controller.rule import Plan, plan as decide, target_at
+from services.config import AEPOConfig, AlgorithmConfig, ControllerConfig
+
+SOURCES = ("exact", "sampled")
+
+
+class StateStore(Protocol):
+    def load(self) -> dict | None: ...
+
+    def save(self, state: dict) -> None: ...
+
+
+class MemoryStore:
+    """State in this process only (the embedded default)."""
+
+    def __init__(self) -> None:
+        self._state: dict | None = None
+
+    def load(self) -> dict | None:
+        return json.loads(json.dumps(self._state)) if self._state is not None else None
+
+    def save(self, state: dict) -> None:
+        self._state = json.loads(json.dumps(state))
+
+
+class RedisStore:
+    """State as one JSON document under `aepo:controller:<run_id>` (atomic SET per update)."""
+
+    def __init__(self, url: str, run_id: str, timeout_s: float = 5.0) -> None:
+        import redis
+
+        self.key = f"aepo:controller:{run_id}"
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis.ping()  # fail at start, with the URL in the message, not at the first step
+        self.url = url
+
+    def load(self) -> dict | None:
+        raw = self._redis.get(self.key)
+        return json.loads(raw) if raw else None
+
+    def save(self, state: dict) -> None:
+        self._redis.set(self.key, json.dumps(state))
+
+
+class MetricsSink(Protocol):
+    def observed(self, source: str, entropy: float, target: float | None) -> None: ...
+
+    def planned(self, plan: Plan) -> None: ...
+
+    def selected(self, n: int) -> None: ...
+
+
+class NullMetrics:
+    def observed(self, source: str, entropy: float, target: float | None) -> None:
+        pass
+
+    def planned(self, plan: Plan) -> None:
+        pass
+
+    def selected(self, n: int) -> None:
+        pass
+
+
+class ControllerCore:
+    """Decides each step's regularizer plan from the entropy the learners published."""
+
+    def __init__(
+        self,
+        algorithm: AlgorithmConfig,
+        config: ControllerConfig,
+        run_id: str,
+        store: StateStore | None = None,
+        metrics: MetricsSink | None = None,
+        log_tail: int = 500,
+    ) -> None:
+        self.algorithm, self.config, self.run_id = algorithm, config, run_id
+        self.store = store or MemoryStore()
+        self.metrics = metrics or NullMetrics()
+        self.log_tail = log_tail
+        self._state = self.store.load() or {"run_id": run_id, "last": {}, "log": [], "selected": {}}
+        if self._state.get("run_id") != run_id:
+            raise ValueError(f"stored controller state belongs to run {self._state.get('run_id')!r}, not {run_id!r}")
+
+    # ------------------------------------------------------------------ the learners' side
+    def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
+        """Record the entropy the learners measured after `step` (exact or sampled estimate)."""
+        if source not in SOURCES:
+            raise ValueError(f"unknown entropy source {source!r} (known: {', '.join(SOURCES)})")
+        entropy = float(entropy)
+        if not math.isfinite(entropy) or entropy < 0:
+            raise ValueError(f"entropy must be finite and >= 0, got {entropy}")
+        last = self._state["last"].get(source)
+        if last is not None and step < last["step"]:
+            raise ValueError(f"observation for step {step} arrived after step {last['step']} ({source})")
+        self._state["last"][source] = {"step": int(step), "entropy": entropy, "time": time.time()}
+        self.store.save(self._state)
+        self.metrics.observed(source, entropy, self.target(step) if self._is_aepo else None)
+        return self._state["last"][source]
+
+    # ------------------------------------------------------------------ the rollout service's side
+    def plan(self, step: int) -> dict:
+        """The regularizer plan for `step`: {temperature, m, target, direction, reason, entropy}."""
+        if not self._is_aepo:
+            raise ValueError(f"algorithm {self.algorithm.type!r} has no regularizer to plan")
+        seen = self._state["last"].get(self.config.entropy_source)
+        entropy = seen["entropy"] if seen is not None else None
+        p = decide(entropy, step, self.algorithm.target, self.algorithm.rule)
+        entry = {"step": int(step), "entropy": entropy, **p.to_dict()}
+        log = [e for e in self._state["log"] if e["step"] != step] + [entry]
+        self._state["log"] = log[-self.log_tail :]
+        self.store.save(self._state)
+        self.metrics.planned(p)
+        return entry
+
+    def record_selection(self, step: int, n_selected: int) -> None:
+        """How many regularizer positives were kept at `step` (for the log and the gauge)."""
+        self._state["selected"] = {"step": int(step), "n": int(n_selected)}
+        for e in reversed(self._state["log"]):
+            if e["step"] == step:
+                e["selected"] = int(n_selected)
+                break
+        self.store.save(self._state)
+        self.metrics.selected(n_selected)
+
+    # ------------------------------------------------------------------ inspection
+    def target(self, step: int) -> float:
+        return target_at(self.algorithm.target, step)
+
+    def state(self) -> dict[str, Any]:
+        """Everything the controller knows: last observations, the decision log tail, its store."""
+        return {
+            **json.loads(json.dumps(self._state)),
+            "entropy_source": self.config.entropy_source,
+            "store": "redis" if isinstance(self.store, RedisStore) else "memory",
+        }
+
+    @property
+    def _is_aepo(self) -> bool:
+        return isinstance(self.algorithm, AEPOConfig)
+
+
+class RayMetrics:
+    """Controller gauges through ray.util.metrics (exported by Ray's metrics agent)."""
+
+    def __init__(self, run_id: str) -> None:
+        from ray.util.metrics import Counter, Gauge
+
+        tags = ("run_id",)
+        self._tags = {"run_id": run_id}
+        self.entropy = Gauge("aepo_policy_entropy", "Policy entropy at T=1, nats per token.", tag_keys=("run_id", "source"))
+        self.target = Gauge("aepo_entropy_target", "Target entropy H*, nats per token.", tag_keys=tags)
+        self.temperature = Gauge("aepo_regularizer_temperature", "Temperature of the regularizer batch.", tag_keys=tags)
+        self.m = Gauge("aepo_regularizer_m", "Most regularizer positives kept this step.", tag_keys=tags)
+        self.selected_g = Gauge("aepo_regularizer_selected", "Regularizer positives kept this step.", tag_keys=tags)
+        self.decisions = Counter("aepo_controller_decisions", "Controller decisions.", tag_keys=("run_id", "direction"))
+
+    def observed(self, source: str, entropy: float, target: float | None) -> None:
+        self.entropy.set(entropy, tags={**self._tags, "source": source})
+        if target is not None:
+            self.target.set(target, tags=self._tags)
+
+    def planned(self, plan: Plan) -> None:
+        self.target.set(plan.target, tags=self._tags)
+        self.temperature.set(plan.temperature, tags=self._tags)
+        self.m.set(plan.m, tags=self._tags)
+        self.decisions.inc(1, tags={**self._tags, "direction": plan.direction})
+
+    def selected(self, n: int) -> None:
+        self.selected_g.set(n, tags=self._tags)
+
+
+class EntropyControllerActor:
+    """Ray actor body; create with `start_controller` (named, so dashboards and drivers can find it)."""
+
+    def __init__(self, algorithm: dict, config: dict, run_id: str) -> None:
+        from pydantic import TypeAdapter
+
+        alg = TypeAdapter(AlgorithmConfig).validate_python(algorithm)
+        cfg = ControllerConfig.model_validate(config)
+        store = RedisStore(cfg.redis_url, run_id) if cfg.redis_url else MemoryStore()
+        self.core = ControllerCore(alg, cfg, run_id, store=store, metrics=RayMetrics(run_id))
+
+    def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
+        return self.core.observe(step, entropy, source)
+
+    def plan(self, step: int) -> dict:
+        return self.core.plan(step)
+
+    def record_selection(self, step: int, n_selected: int) -> None:
+        self.core.record_selection(step, n_selected)
+
+    def state(self) -> dict:
+        return self.core.state()
+
+
+def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_id: str, detached: bool = False):
+    """Create (or reuse, by name) the controller actor in the current Ray cluster.
+
+    A crashed controller is restarted by Ray (max_restarts); with Redis it resumes its state.
+    """
+    import ray
+
+    cls = ray.remote(EntropyControllerActor)
+    options: dict[str, Any] = {
+        "name": config.name,
+        "get_if_exists": True,
+        "max_restarts": 3,
+        "max_task_retries": 3,
+        "num_cpus": 0,
+    }
+    if detached:
+        options["lifetime"] = "detached"
+    return cls.options(**options).remote(algorithm.model_dump(mode="json"), config.model_dump(mode="json"), run_id)

@@ -1,0 +1,125 @@
+"""The entropy controller: state, persistence (real Redis) and the Ray actor (real Ray)."""
+
+import pytest
+
+from controller.actor import ControllerCore, MemoryStore, RedisStore, start_controller
+from controller.rule import ConstantTarget, LinearTarget
+from services.config import AEPOConfig, ControllerConfig, GRPOConfig
+
+AEPO = AEPOConfig(target=ConstantTarget(value=0.35))
+
+
+class RecordingMetrics:
+    def __init__(self):
+        self.events = []
+
+    def observed(self, source, entropy, target):
+        self.events.append(("observed", source, entropy, target))
+
+    def planned(self, plan):
+        self.events.append(("planned", plan.direction, plan.temperature, plan.m))
+
+    def selected(self, n):
+        self.events.append(("selected", n))
+
+
+def test_first_plan_goes_up_then_follows_the_published_entropy():
+    metrics = RecordingMetrics()
+    core = ControllerCore(AEPO, ControllerConfig(), "run", metrics=metrics)
+    assert core.plan(0)["temperature"] == 1.2  # nothing observed yet
+    core.observe(0, 0.50, "exact")
+    p = core.plan(1)
+    assert (p["temperature"], p["m"], p["direction"], p["entropy"]) == (0.8, 30, "down", 0.50)
+    core.observe(1, 0.30, "exact")
+    assert core.plan(2)["direction"] == "up"
+    assert ("observed", "exact", 0.30, 0.35) in metrics.events
+    assert metrics.events.count(("planned", "down", 0.8, 30)) == 1
+
+
+def test_the_configured_source_decides_and_the_other_is_only_recorded():
+    core = ControllerCore(AEPO, ControllerConfig(entropy_source="sampled"), "run")
+    core.observe(0, 0.9, "exact")
+    core.observe(0, 0.2, "sampled")
+    assert core.plan(1)["direction"] == "up"  # sampled 0.2 <= 0.35, exact 0.9 ignored
+    assert set(core.state()["last"]) == {"exact", "sampled"}
+
+
+def test_bad_observations_are_refused_and_change_nothing():
+    core = ControllerCore(AEPO, ControllerConfig(), "run")
+    core.observe(3, 0.4)
+    for args, msg in [((4, float("nan")), "finite"), ((4, -1.0), ">= 0"), ((2, 0.3), "after step 3"),
+                      ((4, 0.3, "guess"), "unknown entropy source")]:
+        with pytest.raises(ValueError, match=msg):
+            core.observe(*args)
+    assert core.state()["last"]["exact"]["entropy"] == 0.4
+
+
+def test_a_moving_target_is_applied_at_the_planned_step():
+    alg = AEPOConfig(target=LinearTarget(start=0.6, end=0.2, steps=10))
+    core = ControllerCore(alg, ControllerConfig(), "run")
+    core.observe(0, 0.5)
+    assert core.plan(1)["direction"] == "up" and core.plan(10)["direction"] == "down"
+
+
+def test_grpo_has_no_plan_but_its_entropy_is_still_recorded():
+    core = ControllerCore(GRPOConfig(), ControllerConfig(), "run")
+    core.observe(0, 0.5)
+    with pytest.raises(ValueError, match="no regularizer"):
+        core.plan(1)
+
+
+def test_the_decision_log_keeps_a_bounded_tail_with_selections():
+    core = ControllerCore(AEPO, ControllerConfig(), "run", log_tail=3)
+    for s in range(5):
+        core.plan(s)
+        core.record_selection(s, 10 + s)
+    log = core.state()["log"]
+    assert [e["step"] for e in log] == [2, 3, 4] and log[-1]["selected"] == 14
+
+
+def test_a_restarted_controller_on_the_same_store_makes_the_same_next_decision():
+    store = MemoryStore()
+    a = ControllerCore(AEPO, ControllerConfig(), "run", store=store)
+    a.observe(7, 0.42)
+    b = ControllerCore(AEPO, ControllerConfig(), "run", store=store)
+    assert b.plan(8) == a.plan(8)
+    with pytest.raises(ValueError, match="belongs to run"):
+        ControllerCore(AEPO, ControllerConfig(), "other-run", store=store)
+
+
+def test_redis_state_survives_a_new_controller_process(redis_url):
+    cfg = ControllerConfig(redis_url=redis_url)
+    first = ControllerCore(AEPO, cfg, "redis-run", store=RedisStore(redis_url, "redis-run"))
+    first.observe(11, 0.61)
+    first.plan(12)
+    second = ControllerCore(AEPO, cfg, "redis-run", store=RedisStore(redis_url, "redis-run"))
+    assert second.state()["last"]["exact"]["entropy"] == 0.61
+    assert second.plan(12)["direction"] == "down" and second.state()["store"] == "redis"
+
+
+def test_an_unreachable_redis_fails_at_start_with_its_url():
+    import redis
+
+    with pytest.raises(redis.exceptions.ConnectionError):
+        RedisStore("redis://127.0.0.1:1/0", "x", timeout_s=0.5)
+
+
+def test_the_named_ray_actor_is_found_by_name_and_resumes_after_a_crash(ray_local, redis_url):
+    ray = ray_local
+    cfg = ControllerConfig(redis_url=redis_url, name="test-controller")
+    actor = start_controller(AEPO, cfg, "ray-run")
+    ray.get(actor.observe.remote(0, 0.5))
+    same = ray.get_actor("test-controller")
+    assert ray.get(same.plan.remote(1))["direction"] == "down"
+    ray.kill(actor, no_restart=False)  # Ray restarts it (max_restarts); its state comes back from Redis
+    for _ in range(100):
+        try:
+            state = ray.get(same.state.remote(), timeout=30)
+            break
+        except ray.exceptions.RayActorError:
+            import time
+
+            time.sleep(0.2)
+    assert state["last"]["exact"]["entropy"] == 0.5
+    assert ray.get(same.plan.remote(1))["direction"] == "down"
+    ray.kill(same, no_restart=True)
