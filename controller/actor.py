@@ -6,8 +6,8 @@ state (last observation per source, the decision log's tail) lives in Redis, so 
 controller makes the same next decision; otherwise it lives in memory.
 
 `ControllerCore` is plain Python (unit-tested with an in-memory store and a fake metrics sink);
-`EntropyControllerActor` is the Ray actor around it (named, detached-capable), exporting
-Prometheus metrics through `ray.util.metrics`.
+`EntropyControllerActor` is the Ray actor around it (named, detached-capable). Its decisions
+reach Prometheus through the driver's per-step exporter (services/metrics.py says why).
 """
 
 from __future__ import annotations
@@ -158,36 +158,6 @@ class ControllerCore:
         return isinstance(self.algorithm, AEPOConfig)
 
 
-class RayMetrics:
-    """Controller gauges through ray.util.metrics (exported by Ray's metrics agent)."""
-
-    def __init__(self, run_id: str) -> None:
-        from ray.util.metrics import Counter, Gauge
-
-        tags = ("run_id",)
-        self._tags = {"run_id": run_id}
-        self.entropy = Gauge("aepo_policy_entropy", "Policy entropy at T=1, nats per token.", tag_keys=("run_id", "source"))
-        self.target = Gauge("aepo_entropy_target", "Target entropy H*, nats per token.", tag_keys=tags)
-        self.temperature = Gauge("aepo_regularizer_temperature", "Temperature of the regularizer batch.", tag_keys=tags)
-        self.m = Gauge("aepo_regularizer_m", "Most regularizer positives kept this step.", tag_keys=tags)
-        self.selected_g = Gauge("aepo_regularizer_selected", "Regularizer positives kept this step.", tag_keys=tags)
-        self.decisions = Counter("aepo_controller_decisions", "Controller decisions.", tag_keys=("run_id", "direction"))
-
-    def observed(self, source: str, entropy: float, target: float | None) -> None:
-        self.entropy.set(entropy, tags={**self._tags, "source": source})
-        if target is not None:
-            self.target.set(target, tags=self._tags)
-
-    def planned(self, plan: Plan) -> None:
-        self.target.set(plan.target, tags=self._tags)
-        self.temperature.set(plan.temperature, tags=self._tags)
-        self.m.set(plan.m, tags=self._tags)
-        self.decisions.inc(1, tags={**self._tags, "direction": plan.direction})
-
-    def selected(self, n: int) -> None:
-        self.selected_g.set(n, tags=self._tags)
-
-
 class EntropyControllerActor:
     """Ray actor body; create with `start_controller` (named, so dashboards and drivers can find it)."""
 
@@ -197,7 +167,7 @@ class EntropyControllerActor:
         alg = TypeAdapter(AlgorithmConfig).validate_python(algorithm)
         cfg = ControllerConfig.model_validate(config)
         store = RedisStore(cfg.redis_url, run_id) if cfg.redis_url else MemoryStore()
-        self.core = ControllerCore(alg, cfg, run_id, store=store, metrics=RayMetrics(run_id))
+        self.core = ControllerCore(alg, cfg, run_id, store=store)
 
     def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
         return self.core.observe(step, entropy, source)

@@ -1,0 +1,173 @@
+"""Warm start of the embedded tiny model: supervised fine-tuning on the Countdown toy with Ray Train.
+
+A random-init model cannot solve anything, so RL has no signal. The warm start trains it on
+uniformly random valid solutions (with the task's optional spaces) until it solves a fair share
+of held-out problems with entropy left to control: the FINDINGS prototype reached ~41 % accuracy
+and ~0.50 nats/token after 500 steps of batch 256 at lr 1e-3.
+
+It runs as a Ray Train `TorchTrainer` (N CPU workers, gloo, DDP); rank 0 writes the result in
+HF format. The output directory is named by a hash of everything that determines it, so a
+second run finds it and skips the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_MARKER = "aepo_warmstart.json"
+
+
+class WarmStartConfig(BaseModel):
+    """Supervised warm start on the Countdown toy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(500, ge=0, description="Optimizer steps (0 = no warm start).")
+    batch_size: int = Field(256, ge=1, description="Global batch (split across workers).")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo, one CPU each).")
+    seed: int = Field(0, description="Seed of the SFT data and the worker RNGs.")
+
+
+def warmstart_hash(base_marker: str, data: dict, cfg: WarmStartConfig) -> str:
+    payload = {"base": base_marker, "data": data, "cfg": cfg.model_dump(mode="json"), "format": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_batch(problems, tokenizer, batch_size: int, rng: random.Random, space_prob: float):
+    """(input_ids, labels, attention_mask) for `batch_size` random problems; loss on the answer only."""
+    import torch
+
+    from services.countdown import warm_start_answer
+
+    rows, labels = [], []
+    for _ in range(batch_size):
+        p = rng.choice(problems)
+        prompt = tokenizer(p.prompt)["input_ids"]
+        answer = tokenizer(warm_start_answer(p, rng, space_prob), add_special_tokens=False)["input_ids"]
+        answer = answer + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        labels.append([-100] * len(prompt) + answer)
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id
+    ids = torch.full((batch_size, width), pad, dtype=torch.long)
+    lab = torch.full((batch_size, width), -100, dtype=torch.long)
+    att = torch.zeros((batch_size, width), dtype=torch.long)
+    for i, (r, l) in enumerate(zip(rows, labels)):
+        ids[i, : len(r)] = torch.tensor(r)
+        lab[i, : len(l)] = torch.tensor(l)
+        att[i, : len(r)] = 1
+    return ids, lab, att
+
+
+def _train_loop(config: dict) -> None:
+    """Per-worker body (runs inside Ray Train)."""
+    import torch
+    import ray.train
+    import ray.train.torch
+
+    from services.countdown import make_splits
+    from services.model import load_causal_lm, load_tokenizer
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+    tokenizer = load_tokenizer(config["base_path"])
+    model = load_causal_lm(config["base_path"]).train()
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    train, _ = make_splits(config["num_train"], config["num_eval"], config["data_seed"])
+    rng = random.Random(config["seed"] * 1000 + rank)
+    per_worker = max(1, config["batch_size"] // world)
+    t0 = time.monotonic()
+    losses = []
+    for step in range(config["steps"]):
+        ids, lab, att = sft_batch(train, tokenizer, per_worker, rng, config["space_prob"])
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(float(loss))
+        if step % 25 == 0 or step == config["steps"] - 1:
+            ray.train.report({"step": step, "loss": float(loss), "seconds": time.monotonic() - t0})
+    if rank == 0:
+        inner = model.module if hasattr(model, "module") else model
+        inner.save_pretrained(config["out_tmp"], safe_serialization=True)
+        tokenizer.save_pretrained(config["out_tmp"])
+        tail = losses[-20:]
+        log = {"final_loss": sum(tail) / len(tail), "train_seconds": round(time.monotonic() - t0, 1)}
+        (Path(config["out_tmp"]) / "warmstart_log.json").write_text(json.dumps(log))
+
+
+def warm_start(
+    base_path: str | Path,
+    out_root: str | Path,
+    data_cfg,
+    cfg: WarmStartConfig,
+    progress=None,
+) -> Path:
+    """Fine-tune `base_path` on the Countdown toy with Ray Train; return the warm model's path.
+
+    Reuses an earlier result with the same hash. Needs an initialised Ray (the caller's).
+    `progress(step, total, loss)` is called as reports arrive (for a progress bar).
+    """
+    base_path = Path(base_path)
+    base_marker = _read(base_path / "aepo_tiny.json") or str(base_path)
+    data = {k: getattr(data_cfg, k) for k in ("num_train", "num_eval", "space_prob", "seed")}
+    digest = warmstart_hash(base_marker, data, cfg)
+    out_dir = Path(out_root) / f"warm-{digest}"
+    if _read(out_dir / _MARKER):
+        return out_dir
+    if cfg.steps == 0:
+        return base_path
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        result = _fit(base_path, tmp, data, cfg)
+        (tmp / _MARKER).write_text(json.dumps({"hash": digest, "base": str(base_path), "cfg": cfg.model_dump(), **result}))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartConfig) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.monotonic()
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={
+            "base_path": str(base_path), "out_tmp": str(tmp), "steps": cfg.steps, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "seed": cfg.seed, "num_train": data["num_train"], "num_eval": data["num_eval"],
+            "data_seed": data["seed"], "space_prob": data["space_prob"],
+        },
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"aepo-warmstart-{tmp.name.strip('.')}", storage_path=str(tmp.parent / ".ray-train")),
+    )
+    result = trainer.fit()
+    if not (tmp / "config.json").exists():
+        raise RuntimeError(f"warm start finished without writing a model (result: {result})")
+    return {**json.loads((tmp / "warmstart_log.json").read_text()), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
