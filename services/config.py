@@ -269,9 +269,25 @@ class TrainerConfig(_Strict):
     prompts_per_step: int = Field(32, ge=1, description="B: prompts per step (the GRPO batch is B × G).")
     eval_every: int = Field(50, ge=0, description="Eval every K steps (0 = only at the end).")
     eval_samples: int = Field(8, ge=1, description="Samples per held-out prompt for avg@k / pass@k.")
+    eval_prompts: int | None = Field(None, ge=1, description="Held-out prompts used per eval (None = all).")
+    eval_temperature: float = Field(0.6, gt=0.0, le=2.0, description="Temperature of avg@k (pass@k is always at T=1).")
     save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
     seed: int = Field(0, description="Seed for data order, sampling and init.")
     output_dir: str = Field("runs/default", description="Where metrics.jsonl, summary.json, plots and checkpoints go.")
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Serve the run's Prometheus metrics on 127.0.0.1:PORT (0 = off; the cluster recipe uses 9400)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+
+
+class WarmStartSettings(_Strict):
+    """Supervised warm start of the embedded tiny model on the toy task (skipped for `model.path`)."""
+
+    steps: int = Field(500, ge=0, description="SFT optimizer steps (0 = start RL from random init).")
+    batch_size: int = Field(256, ge=1, description="Global SFT batch.")
+    lr: float = Field(1e-3, gt=0.0, description="SFT AdamW learning rate.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo).")
+    seed: int = Field(0, description="Seed of the SFT data order.")
 
 
 class TrainConfig(_Strict):
@@ -286,6 +302,7 @@ class TrainConfig(_Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
 
 
 def load_config(path: str | Path) -> TrainConfig:

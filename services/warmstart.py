@@ -21,24 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from services.config import WarmStartSettings
 
 _MARKER = "aepo_warmstart.json"
 
 
-class WarmStartConfig(BaseModel):
-    """Supervised warm start on the Countdown toy."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    steps: int = Field(500, ge=0, description="Optimizer steps (0 = no warm start).")
-    batch_size: int = Field(256, ge=1, description="Global batch (split across workers).")
-    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo, one CPU each).")
-    seed: int = Field(0, description="Seed of the SFT data and the worker RNGs.")
-
-
-def warmstart_hash(base_marker: str, data: dict, cfg: WarmStartConfig) -> str:
+def warmstart_hash(base_marker: str, data: dict, cfg: WarmStartSettings) -> str:
     payload = {"base": base_marker, "data": data, "cfg": cfg.model_dump(mode="json"), "format": 1}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -114,7 +102,7 @@ def warm_start(
     base_path: str | Path,
     out_root: str | Path,
     data_cfg,
-    cfg: WarmStartConfig,
+    cfg: WarmStartSettings,
     progress=None,
 ) -> Path:
     """Fine-tune `base_path` on the Countdown toy with Ray Train; return the warm model's path.
@@ -144,7 +132,7 @@ def warm_start(
     return out_dir
 
 
-def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartConfig) -> dict:
+def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartSettings) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
