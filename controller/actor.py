@@ -141,6 +141,14 @@ class ControllerCore:
         self.store.save(self._state)
         self.metrics.selected(n_selected)
 
+    def restore(self, state: dict) -> None:
+        """Load a state saved by `state()` (a checkpoint's copy), for a controller without Redis."""
+        if state.get("run_id") != self.run_id:
+            raise ValueError(f"checkpointed controller state belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
+        self._state = {k: json.loads(json.dumps(state.get(k, default))) for k, default in
+                       (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}))}
+        self.store.save(self._state)
+
     # ------------------------------------------------------------------ inspection
     def target(self, step: int) -> float:
         return target_at(self.algorithm.target, step)
@@ -180,6 +188,12 @@ class EntropyControllerActor:
 
     def state(self) -> dict:
         return self.core.state()
+
+    def restore(self, state: dict) -> None:
+        self.core.restore(state)
+
+    def target(self, step: int) -> float | None:
+        return self.core.target(step) if isinstance(self.core.algorithm, AEPOConfig) else None
 
 
 def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_id: str, detached: bool = False):

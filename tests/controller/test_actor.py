@@ -123,3 +123,14 @@ def test_the_named_ray_actor_is_found_by_name_and_resumes_after_a_crash(ray_loca
     assert state["last"]["exact"]["entropy"] == 0.5
     assert ray.get(same.plan.remote(1))["direction"] == "down"
     ray.kill(same, no_restart=True)
+
+
+def test_a_checkpointed_state_restores_into_a_fresh_in_memory_controller():
+    a = ControllerCore(AEPO, ControllerConfig(), "run")
+    a.observe(4, 0.2)
+    a.plan(5)
+    b = ControllerCore(AEPO, ControllerConfig(), "run")
+    b.restore(a.state())
+    assert b.plan(5) == a.plan(5) and b.state()["last"] == a.state()["last"]
+    with pytest.raises(ValueError, match="belongs to run"):
+        ControllerCore(AEPO, ControllerConfig(), "other").restore(a.state())

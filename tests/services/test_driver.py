@@ -41,7 +41,7 @@ class FakeController:
         return self.core.state()
 
     def restore(self, state):
-        self.core._state = {k: state[k] for k in ("run_id", "last", "log", "selected")}
+        self.core.restore(state)
 
 
 class FakeRollout:
