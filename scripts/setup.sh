@@ -18,6 +18,7 @@ done
 if [ "$want_test" = 1 ]; then
   missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
   if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
       echo "setup.sh: the tests need ${missing[*]}; install them (apt-get install ${missing[*]}) or run as root" >&2
