@@ -57,12 +57,15 @@ class RolloutService(Protocol):
     def generate(self, prompts: Sequence[tuple[PromptItem, list[int]]], n: int, temperature: float, seed: int) -> list[Rollout]:
         """n samples per prompt, grouped prompt by prompt, in order."""
 
-    def generate_regularizer(
-        self, step: int, prompts: Sequence[tuple[PromptItem, list[int]]], n: int, seed: int
-    ) -> tuple[list[Rollout], dict]:
-        """The regularizer batch at the controller's temperature; returns (samples, plan)."""
+    def generate_step(
+        self, step: int, prompts: Sequence[tuple[PromptItem, list[int]]], reg_prompts: Sequence[tuple[PromptItem, list[int]]],
+        n: int, seed: int,
+    ) -> tuple[list[Rollout], list[Rollout], dict]:
+        """The GRPO batch at T=1 and, when reg_prompts is not empty, the regularizer batch at the
+        temperature the rollout service gets from the controller's plan for `step`, in one engine
+        call. Returns (grpo samples, regularizer samples, plan or {})."""
 
-    def load_weights(self, version: int, weights: dict) -> float:
+    def load_weights(self, version: int, weights: Any) -> float:
         """Push weights; returns seconds spent."""
 
 
@@ -219,12 +222,10 @@ class Trainer:
         prompts = self._encoded(self.stream.next_batch())  # 1
 
         t = time.monotonic()  # 2 + 3: the rollout service asks the controller for the plan itself
-        grpo = parts.rollout.generate(prompts, G, 1.0, step_seed(cfg.trainer.seed, step, 1))
-        reg: list[Rollout] = []
-        plan: dict = {}
-        if isinstance(cfg.algorithm, AEPOConfig):
-            share = max(1, math.ceil(len(prompts) * cfg.algorithm.prompt_share))
-            reg, plan = parts.rollout.generate_regularizer(step, prompts[:share], G, step_seed(cfg.trainer.seed, step, 2))
+        reg_prompts = []
+        if isinstance(cfg.algorithm, AEPOConfig):  # the reference draws it from the first quarter
+            reg_prompts = prompts[: max(1, math.ceil(len(prompts) * cfg.algorithm.prompt_share))]
+        grpo, reg, plan = parts.rollout.generate_step(step, prompts, reg_prompts, G, step_seed(cfg.trainer.seed, step, 1))
         timings["rollout"] = time.monotonic() - t
         self._decode(grpo + reg)
 

@@ -62,10 +62,13 @@ class FakeRollout:
                 out.append(Rollout(item, ids, [ord(c) for c in text], "stop", temperature, self.version, "fake"))
         return out
 
-    def generate_regularizer(self, step, prompts, n, seed):
+    def generate_step(self, step, prompts, reg_prompts, n, seed):
+        grpo = self.generate(prompts, n, 1.0, seed)
+        if not reg_prompts:
+            return grpo, [], {}
         plan = self.controller.plan(step)
         self.calls.append(("plan", step, plan["temperature"]))
-        return self.generate(prompts, n, plan["temperature"], seed), plan
+        return grpo, self.generate(reg_prompts, n, plan["temperature"], seed + 1), plan
 
     def load_weights(self, version, weights):
         assert weights["version"] == version - 1 or weights["version"] == version
