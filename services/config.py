@@ -277,6 +277,9 @@ class TrainerConfig(_Strict):
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Serve the run's Prometheus metrics on 127.0.0.1:PORT (0 = off; the cluster recipe uses 9400)."
     )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 inside a container or pod, so Prometheus can reach it)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
 
 
