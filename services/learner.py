@@ -1,0 +1,501 @@
+"""The learner group: N Ray actors, one torch.distributed rank each, training one FSDP2 model.
+
+`LearnerWorker` is a plain class (one rank); `LearnerGroup` (driver side) reserves a placement
+group, starts the workers as Ray actors, forms the process group (gloo on CPU, NCCL on GPU) and
+fans calls out, giving every rank its shard of the batch.
+
+Losses come from `services.algorithm` only. Normalisation: each micro-batch's loss is its token sum
+divided by the mini-batch's global token count (all ranks, all micro-batches), and multiplied by
+world_size before backward because FSDP averages gradients over ranks; so the accumulated gradient
+is exactly that of the token-mean over the whole mini-batch, as in a single-process update.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
+
+import torch
+import torch.distributed as dist
+
+from services import algorithm as alg
+from services.config import AlgorithmConfig, LearnerConfig
+
+# --------------------------------------------------------------------------- the batch
+
+
+@dataclass
+class TrainBatch:
+    """Padded sequences (prompt then response then padding), one row per sample.
+
+    tokens [B, L] long; attention_mask [B, L] (1 on prompt + response); response_mask [B, L]
+    (1 on response tokens, eos included); advantages [B] float; is_regularizer [B] bool.
+    """
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    is_regularizer: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @classmethod
+    def from_sequences(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        advantages: Sequence[float] | torch.Tensor,
+        is_regularizer: Sequence[bool] | torch.Tensor,
+        pad_id: int,
+    ) -> "TrainBatch":
+        """Right-padded batch from token-id lists (e.g. `Sample.prompt_ids` / `.response_ids`)."""
+        if not (len(prompts) == len(responses) == len(advantages) == len(is_regularizer)):
+            raise ValueError("prompts, responses, advantages and is_regularizer must have one entry per row")
+        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        resp = torch.zeros((len(prompts), width), dtype=torch.float32)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            tokens[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+            attn[i, : len(p) + len(r)] = 1
+            resp[i, len(p) : len(p) + len(r)] = 1.0
+        return cls(
+            tokens,
+            attn,
+            resp,
+            torch.as_tensor(advantages, dtype=torch.float32),
+            torch.as_tensor(is_regularizer, dtype=torch.bool),
+        )
+
+    @classmethod
+    def from_dict(cls, batch: dict, pad_id: int) -> "TrainBatch":
+        """From the driver's {prompt_ids, response_ids, advantages, is_regularizer} lists."""
+        return cls.from_sequences(
+            batch["prompt_ids"], batch["response_ids"], batch["advantages"], batch["is_regularizer"], pad_id
+        )
+
+    def select(self, rows) -> "TrainBatch":
+        """The rows given by an index tensor or slice."""
+        return TrainBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def to(self, device) -> "TrainBatch":
+        """Every tensor on `device`."""
+        return TrainBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def padded_to(self, rows: int) -> "TrainBatch":
+        """Append dummy rows (copies of row 0 with no response tokens and advantage 0) up to `rows`.
+
+        Data-parallel ranks must run the same number of forward/backward passes (FSDP's
+        collectives pair up), so every rank gets the same row count; dummy rows add nothing to
+        the loss, the gradient or the token counts.
+        """
+        extra = rows - len(self)
+        if extra <= 0:
+            return self
+        pad = self.select(torch.zeros(extra, dtype=torch.long))
+        pad.response_mask = torch.zeros_like(pad.response_mask)
+        pad.advantages = torch.zeros_like(pad.advantages)
+        pad.is_regularizer = torch.zeros_like(pad.is_regularizer)
+        return TrainBatch(*(torch.cat([getattr(self, f.name), getattr(pad, f.name)]) for f in fields(self)))
+
+
+def shard_batch(batch: TrainBatch, world_size: int, mini_batches: int = 1) -> list[TrainBatch]:
+    """Split a global batch into per-rank shards that keep the mini-batch structure.
+
+    Global mini-batch k is the k-th of `mini_batches` near-equal contiguous parts of the batch
+    (the first parts one row longer when B does not divide). Each part is cut into `world_size`
+    contiguous pieces of `per` rows, the last ones topped up with inert dummy rows, and rank r
+    receives its piece of every part in order: its local mini-batch k is its k-th block of `per`.
+    """
+    B = len(batch)
+    q, extra = divmod(B, mini_batches)
+    starts = [k * q + min(k, extra) for k in range(mini_batches + 1)]
+    per = max(1, math.ceil((q + (1 if extra else 0)) / world_size))
+    ext = batch.padded_to(B + 1)  # row B is the dummy every piece is topped up with
+    shards = []
+    for r in range(world_size):
+        idx: list[int] = []
+        for k in range(mini_batches):
+            piece = list(range(starts[k], starts[k + 1]))[r * per : (r + 1) * per]
+            idx += piece + [B] * (per - len(piece))
+        shards.append(ext.select(torch.tensor(idx, dtype=torch.long)))
+    return shards
+
+
+# --------------------------------------------------------------------------- one rank
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    """One data-parallel rank: the FSDP2-sharded model, its AdamW and the update loop."""
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model_path: str,
+        cfg: LearnerConfig,
+        algorithm: AlgorithmConfig,
+        seed: int = 0,
+        device: str = "cpu",
+    ):
+        self.rank, self.world_size = rank, world_size
+        self.cfg, self.algorithm, self.model_path, self.seed = cfg, algorithm, model_path, seed
+        self.device = torch.device(device if device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        if device == "cpu":
+            # one thread per reserved CPU: two learners sharing a core must not oversubscribe it
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        self.model = self.optimizer = None
+        # Clip-Cov's random token choice; seeded per rank so reruns repeat
+        self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
+
+    def master_address(self) -> tuple[str, int]:
+        """This node's address and a free port on it (asked of rank 0 to rendezvous)."""
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        """Join the process group, load the model, shard it with FSDP2, make the optimizer."""
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+        if master_addr.startswith("127."):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (CI)
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        self.model = build_fsdp_model(self.model_path, self.cfg, self.device, self.seed)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    # ------------------------------------------------------------------ forward passes
+
+    def _logits(self, batch: TrainBatch) -> tuple[torch.Tensor, int]:
+        """Logits of the batch cut to its longest row; returns (logits [b, l, V], l)."""
+        width = int(batch.attention_mask.sum(1).max())
+        out = self.model(input_ids=batch.tokens[:, :width], attention_mask=batch.attention_mask[:, :width], use_cache=False)
+        return out.logits, width
+
+    def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
+        step = self.cfg.micro_batch_size
+        return [batch.select(slice(i, i + step)) for i in range(0, len(batch), step)]
+
+    @torch.no_grad()
+    def _score(self, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = True):
+        """Per-token log π_T(o_t) [B, L-1] (position t predicts token t+1) and exact entropy."""
+        lps, ents = [], []
+        L = batch.tokens.shape[1]
+        for mb in self._micro_batches(batch):
+            logits, width = self._logits(mb)
+            lp, ent = alg.token_logprobs_and_entropy(
+                logits[:, :-1], mb.tokens[:, 1:width], temperature, self.cfg.entropy_chunk_size, with_entropy
+            )
+            lps.append(torch.nn.functional.pad(lp.float(), (0, L - width)))
+            if with_entropy:
+                ents.append(torch.nn.functional.pad(ent.float(), (0, L - width)))
+        return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+
+    def compute_logprobs(self, shard: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
+        """log π_T(tokens[:, t] | tokens[:, <t]) as [B, L]; column 0 (nothing predicts it) is 0."""
+        self.model.eval()
+        logp, _ = self._score(shard.to(self.device), temperature, with_entropy=False)
+        return torch.nn.functional.pad(logp, (1, 0)).cpu()
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, shard: TrainBatch) -> dict[str, float]:
+        """One RL update on this rank's shard: old log-probs, then `mini_batches` optimizer steps."""
+        t0 = time.perf_counter()
+        batch = shard.to(self.device)
+        self.model.eval()  # dropout-free scoring of the behaviour policy at T=1
+        old_logp, entropy = self._score(batch)
+        stats = self._entropy_stats(batch, old_logp, entropy)
+        self.model.train()
+        M = self.cfg.mini_batches
+        if len(batch) % M:
+            raise ValueError(f"shard of {len(batch)} rows does not split into {M} mini-batches; use shard_batch")
+        per = len(batch) // M
+        totals: dict[str, float] = {}
+        for k in range(M):
+            rows = slice(k * per, (k + 1) * per)
+            step_stats = self._train_minibatch(batch.select(rows), old_logp[rows])
+            for key, v in step_stats.items():
+                totals[key] = totals.get(key, 0.0) + v
+        elapsed = time.perf_counter() - t0
+        stats.update(_finish_stats(totals, M, elapsed))
+        return stats
+
+    def _entropy_stats(self, batch: TrainBatch, old_logp: torch.Tensor, entropy: torch.Tensor) -> dict[str, float]:
+        """Exact token-mean entropy at T=1 of GRPO rows and of regularizer rows; sampled estimates."""
+        mask = batch.response_mask[:, 1:]
+        reg = batch.is_regularizer.unsqueeze(1).to(mask.dtype)
+        grpo_mask, reg_mask = mask * (1 - reg), mask * reg
+        sums = torch.stack([
+            (entropy * grpo_mask).sum(), grpo_mask.sum(),
+            (entropy * reg_mask).sum(), reg_mask.sum(),
+            alg.sampled_entropy_estimate(old_logp, grpo_mask) * grpo_mask.sum(),
+            alg.sampled_entropy_estimate(old_logp, mask) * mask.sum(), mask.sum(),
+        ]).double()
+        sums = self._all_reduce(sums).tolist()
+        return {
+            "entropy_exact_grpo": sums[0] / max(sums[1], 1.0),
+            "entropy_exact_reg": sums[2] / sums[3] if sums[3] > 0 else float("nan"),
+            "entropy_sampled_grpo": sums[4] / max(sums[1], 1.0),
+            "entropy_sampled_batch": sums[5] / max(sums[6], 1.0),
+            "grpo_tokens": sums[1],
+            "reg_tokens": sums[3],
+        }
+
+    def _train_minibatch(self, batch: TrainBatch, old_logp: torch.Tensor) -> dict[str, float]:
+        """Gradient accumulation over micro-batches, then clip + AdamW step (skipped if no tokens)."""
+        cfg, algo = self.cfg, self.algorithm
+        mask = batch.response_mask[:, 1:]
+        count = alg.loss_token_count(algo, mask, batch.is_regularizer)
+        normalizer = float(self._all_reduce(torch.tensor([count], dtype=torch.float64)).item())
+        if normalizer == 0:  # every rank sees the same global count, so all skip together
+            return {"skipped_steps": 1.0}
+        sums = dict.fromkeys(
+            ("pg_loss", "reg_loss", "entropy_bonus", "clipped_tokens", "approx_kl_sum", "grpo_tokens", "tokens"), 0.0
+        )
+        micro = self._micro_batches(batch)
+        for i, mb in enumerate(micro):
+            if hasattr(self.model, "set_requires_gradient_sync"):
+                # reduce-scatter gradients once per optimizer step, not once per micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro) - 1)
+            rows = slice(i * cfg.micro_batch_size, i * cfg.micro_batch_size + len(mb))
+            logits, width = self._logits(mb)
+            logp, ent = alg.token_logprobs_and_entropy(
+                logits[:, :-1], mb.tokens[:, 1:width], 1.0, cfg.entropy_chunk_size, alg.needs_entropy(algo)
+            )
+            loss, st = alg.policy_loss(
+                algo, logp=logp, old_logp=old_logp[rows, : width - 1], advantages=mb.advantages,
+                mask=mb.response_mask[:, 1:width], is_regularizer=mb.is_regularizer,
+                normalizer=normalizer, entropy=ent, generator=self.generator,
+            )
+            (loss * self.world_size).backward()
+            for key in sums:
+                sums[key] += st.get(key, 0.0)
+            sums["tokens"] += float(mb.attention_mask.sum())
+        grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = list(sums)
+        reduced = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+        out = dict(zip(keys, reduced))
+        out.update(grad_norm=grad_norm, optimizer_steps=1.0 if math.isfinite(grad_norm) else 0.0,
+                   skipped_steps=0.0 if math.isfinite(grad_norm) else 1.0, steps_counted=1.0)
+        return out
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (NCCL needs the tensor on the GPU)."""
+        t = t.to(self.device)
+        dist.all_reduce(t)
+        return t.cpu()
+
+    # ------------------------------------------------------------------ weights and checkpoints
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The unsharded weights on CPU on rank 0 (None elsewhere); a collective: call on every rank."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return sd if self.rank == 0 else None
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded model + optimizer state with torch.distributed.checkpoint (every rank writes its shard)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Load what `save_checkpoint` wrote (same world size or not: DCP reshards)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=path)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    def shutdown(self) -> None:
+        """Leave the process group."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def build_fsdp_model(model_path: str, cfg: LearnerConfig, device: torch.device, seed: int = 0):
+    """Load the HF model in float32 and shard it with FSDP2: each decoder layer, then the root.
+
+    On GPU, parameters are cast to bf16 for compute and gradients reduced in float32
+    (MixedPrecisionPolicy); on CPU everything stays float32. The root group holds the
+    embedding and the (tied) lm_head together, so tying survives sharding.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from services.model import load_causal_lm
+
+    torch.manual_seed(seed)
+    model = load_causal_lm(model_path, dtype=torch.float32, device=str(device))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if device.type == "cuda"
+        else MixedPrecisionPolicy()
+    )
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (model.model.layers for Qwen/Llama-style HF models)."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no model.layers to shard; only the root would be")
+    return list(layers)
+
+
+def _total_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ returns a DTensor under FSDP2; its full value is the global norm."""
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _finish_stats(totals: dict[str, float], mini_batches: int, elapsed: float) -> dict[str, float]:
+    """Ratios from raw sums; losses and grad norm averaged over the optimizer steps taken."""
+    counted = max(totals.get("steps_counted", 0.0), 1.0)
+    grpo = totals.get("grpo_tokens", 0.0)
+    return {
+        "pg_loss": totals.get("pg_loss", 0.0) / counted,
+        "reg_loss": totals.get("reg_loss", 0.0) / counted,
+        "entropy_bonus": totals.get("entropy_bonus", 0.0) / counted,
+        "clipfrac": totals.get("clipped_tokens", 0.0) / max(grpo, 1.0),
+        "approx_kl": totals.get("approx_kl_sum", 0.0) / max(grpo, 1.0),
+        "grad_norm": totals.get("grad_norm", 0.0) / counted,
+        "optimizer_steps": totals.get("optimizer_steps", 0.0),
+        "skipped_steps": totals.get("skipped_steps", 0.0),
+        "tokens": totals.get("tokens", 0.0),
+        "tokens_per_s": totals.get("tokens", 0.0) / max(elapsed, 1e-9),
+        "update_s": elapsed,
+    }
+
+
+# --------------------------------------------------------------------------- the group (driver side)
+
+
+def _resolve_device(cfg: LearnerConfig) -> str:
+    """cuda when asked, or (auto) when the cluster has a GPU for every worker."""
+    if cfg.device != "auto":
+        return cfg.device
+    import ray
+
+    return "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.num_workers else "cpu"
+
+
+class LearnerGroup:
+    """`cfg.num_workers` LearnerWorker actors in one placement group, forming one process group."""
+
+    def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AlgorithmConfig, seed: int = 0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from services.model import load_tokenizer
+
+        self.cfg, self.world_size = cfg, cfg.num_workers
+        self.pad_id = int(load_tokenizer(model_path).pad_token_id)
+        self.device = _resolve_device(cfg)
+        gpus = 1 if self.device == "cuda" else 0
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=cfg.placement_strategy)
+        ray.get(self.pg.ready())
+        remote_cls = ray.remote(LearnerWorker)
+        self.workers = [
+            remote_cls.options(
+                num_cpus=cfg.cpus_per_worker,
+                num_gpus=gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
+            ).remote(rank, self.world_size, model_path, cfg, algorithm, seed, self.device)
+            for rank in range(self.world_size)
+        ]
+        # rank 0's node hosts the rendezvous: its IP (127.0.0.1 on a loopback-only cluster) and a
+        # port that is free there
+        addr, port = ray.get(self.workers[0].master_address.remote())
+        ray.get([w.setup.remote(addr, port) for w in self.workers])
+
+    def _fan_out(self, method: str, *per_rank_args) -> list[Any]:
+        import ray
+
+        if per_rank_args:
+            refs = [getattr(w, method).remote(*args) for w, args in zip(self.workers, zip(*per_rank_args))]
+        else:
+            refs = [getattr(w, method).remote() for w in self.workers]
+        return ray.get(refs)
+
+    def _as_batch(self, batch: "TrainBatch | dict") -> TrainBatch:
+        return batch if isinstance(batch, TrainBatch) else TrainBatch.from_dict(batch, self.pad_id)
+
+    def update(self, batch: "TrainBatch | dict") -> dict[str, float]:
+        """One RL update on the global batch; stats are global (all-reduced), taken from rank 0."""
+        batch = self._as_batch(batch)
+        shards = shard_batch(batch, self.world_size, self.cfg.mini_batches)
+        return self._fan_out("update", shards)[0]
+
+    def compute_logprobs(self, batch: "TrainBatch | dict", temperature: float = 1.0) -> torch.Tensor:
+        """log π_T of every token given its prefix, [B, L] (column 0 is 0), no grad."""
+        batch = self._as_batch(batch)
+        shards = shard_batch(batch, self.world_size, 1)
+        parts = self._fan_out("compute_logprobs", shards, [temperature] * self.world_size)
+        return torch.cat(parts)[: len(batch)]
+
+    def state_dict_ref(self):
+        """ObjectRef of the full (unsharded, CPU) state dict, gathered once; pass it to
+        `RolloutPool.load_weights` so Ray ships it to every rollout actor from the object store."""
+        import ray
+
+        refs = [w.full_state_dict.remote() for w in self.workers]
+        ray.get(refs[1:])  # the others only take part in the gather
+        ray.wait(refs[:1])
+        return refs[0]
+
+    def get_full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full state dict itself (tests, export)."""
+        import ray
+
+        return ray.get(self.state_dict_ref())
+
+    def save_checkpoint(self, path: str) -> None:
+        """Sharded model + optimizer state under `path` (a directory every worker can reach)."""
+        self._fan_out("save_checkpoint", [str(path)] * self.world_size)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore model + optimizer state saved by `save_checkpoint`."""
+        self._fan_out("load_checkpoint", [str(path)] * self.world_size)
+
+    def shutdown(self) -> None:
+        """Leave the process group, end the actors, free the placement group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            self._fan_out("shutdown")
+        finally:
+            for w in self.workers:
+                ray.kill(w)
+            remove_placement_group(self.pg)
+            self.workers = []
