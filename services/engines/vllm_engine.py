@@ -97,9 +97,11 @@ class VLLMEngine:
             return []
         self._calls += 1
         prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        # vLLM refuses n > 1 with greedy sampling; greedy is deterministic, so one sample is
+        # drawn and repeated n times
         params = [
             SamplingParams(
-                n=r.n,
+                n=1 if r.temperature == 0 else r.n,
                 temperature=r.temperature,
                 top_p=r.top_p,
                 top_k=0,
@@ -113,7 +115,8 @@ class VLLMEngine:
             for i, r in enumerate(requests)
         ]
         results = self.llm.generate(prompts, params, use_tqdm=False)
-        return [[self._output(c) for c in res.outputs] for res in results]
+        outputs = [[self._output(c) for c in res.outputs] for res in results]
+        return [outs * r.n if r.temperature == 0 else outs for outs, r in zip(outputs, requests)]
 
     def _output(self, completion) -> EngineOutput:
         ids = list(completion.token_ids)

@@ -40,3 +40,16 @@ def peaked_weights(tiny_model_path) -> dict[str, torch.Tensor]:
     sd = load_causal_lm(tiny_model_path).state_dict()
     sd["model.norm.weight"] = torch.full_like(sd["model.norm.weight"], PEAKED_NORM_SCALE)
     return {k: v.clone() for k, v in sd.items()}
+
+
+@pytest.fixture(scope="session")
+def perturbed_weights(tiny_model_path) -> dict[str, torch.Tensor]:
+    """The tiny model's weights plus N(0, 0.05^2) noise (seed 1): greedy outputs change."""
+    from services.model import load_causal_lm
+
+    model = load_causal_lm(tiny_model_path)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # parameters(), not the state dict: the tied lm_head once
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return {k: v.clone() for k, v in model.state_dict().items()}

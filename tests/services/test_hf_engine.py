@@ -77,13 +77,15 @@ def test_batched_greedy_equals_unpadded_reference_greedy(service, prompts, tiny_
     assert [s.response_ids for s in got] == want
 
 
-def test_load_weights_changes_what_is_sampled_and_bumps_the_version(tiny_model_path, prompts, peaked_weights, tokenizer):
+def test_load_weights_changes_what_is_sampled_and_bumps_the_version(tiny_model_path, prompts, perturbed_weights, tokenizer):
     svc = RolloutService(tiny_model_path, RolloutConfig(engine="hf", max_tokens=8), seed=0)
-    stats = svc.load_weights(3, peaked_weights)
+    before = [s.response_ids for s in svc.generate(prompts, n=1, temperature=0.0)]
+    stats = svc.load_weights(3, perturbed_weights)
     assert stats["policy_version"] == 3 and stats["sync_s"] >= 0
     got = svc.generate(prompts, n=1, temperature=0.0)
-    peaked = hf_model_with(tiny_model_path, peaked_weights)
-    assert [s.response_ids for s in got] == [reference_greedy(peaked, ids, 8, tokenizer.eos_token_id) for _, ids in prompts]
+    perturbed = hf_model_with(tiny_model_path, perturbed_weights)
+    assert [s.response_ids for s in got] == [reference_greedy(perturbed, ids, 8, tokenizer.eos_token_id) for _, ids in prompts]
+    assert [s.response_ids for s in got] != before
     assert all(s.policy_version == 3 for s in got)
 
 
