@@ -481,11 +481,12 @@ class LearnerGroup:
 
     def save_checkpoint(self, path: str) -> None:
         """Sharded model + optimizer state under `path` (a directory every worker can reach)."""
-        self._fan_out("save_checkpoint", [str(path)] * self.world_size)
+        # absolute: the workers' working directories are Ray's, not the driver's
+        self._fan_out("save_checkpoint", [os.path.abspath(path)] * self.world_size)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore model + optimizer state saved by `save_checkpoint`."""
-        self._fan_out("load_checkpoint", [str(path)] * self.world_size)
+        self._fan_out("load_checkpoint", [os.path.abspath(path)] * self.world_size)
 
     def shutdown(self) -> None:
         """Leave the process group, end the actors, free the placement group."""

@@ -80,7 +80,11 @@ def engine_options(cfg: RolloutConfig) -> dict[str, Any]:
 class RolloutService:
     """One engine, its policy version, and generation statistics."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig | None = None, seed: int = 0):
+    def __init__(self, model_path: str, cfg: RolloutConfig | None = None, seed: int = 0, threads: int | None = None):
+        if threads is not None:  # as an actor: as many torch threads as CPUs reserved, no more
+            import torch
+
+            torch.set_num_threads(threads)
         self.cfg = cfg or RolloutConfig()
         self.engine = make_engine(self.cfg.engine, model_path, seed=seed, **engine_options(self.cfg))
         self.version = 0
@@ -180,7 +184,7 @@ class RolloutPool:
         self.cfg = cfg
         remote_cls = ray.remote(RolloutService)
         self.actors = [
-            remote_cls.options(**rollout_resources(cfg)).remote(model_path, cfg, seed + i)
+            remote_cls.options(**rollout_resources(cfg)).remote(model_path, cfg, seed + i, max(1, int(cfg.cpus_per_actor)))
             for i in range(cfg.num_actors)
         ]
         ray.get([a.ready.remote() for a in self.actors])
