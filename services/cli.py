@@ -33,6 +33,15 @@ def _check_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("paths", nargs="+", help="YAML run configs to validate")
 
 
+def _serve_reward_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workers", type=int, default=2, help="verifier worker processes (default 2)")
+    p.add_argument("--redis-url", default=None, help="verdict cache in Redis (default: $REDIS_URL, else in-process LRU)")
+    p.add_argument("--timeout-s", type=float, default=None, help="default per-request deadline, seconds (default 10)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 COMMANDS: list[Command] = [
     Command(
         "demo",
@@ -45,6 +54,12 @@ COMMANDS: list[Command] = [
         "validate run configs (YAML) against the schema and print the resolved config",
         "services.config:check_config_main",
         _check_config_args,
+    ),
+    Command(
+        "serve-reward",
+        "run the reward server (POST /v1/verify) under uvicorn; limits and token from AEPO_REWARD_* env",
+        "reward_server.main:serve_main",
+        _serve_reward_args,
     ),
 ]
 

@@ -1,0 +1,104 @@
+"""The reward server as a Ray Serve deployment: the same FastAPI app, `replicas` copies.
+
+    ray.init(...)
+    base_url = deploy(replicas=1)          # http://127.0.0.1:<port>
+    RewardClient(base_url).verify_sync(items)
+
+Each replica runs its own verifier worker processes (not Ray tasks: they must be killable at a
+deadline), so a replica reserves `num_cpus` (default 0) but uses up to `settings.workers` cores.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+from ray import serve
+
+from reward_server.main import create_app
+from reward_server.settings import RewardSettings
+
+DEFAULT_APP_NAME = "aepo-reward"
+
+
+@serve.deployment(name="RewardServer")
+@serve.ingress()
+class RewardDeployment:
+    """One replica: builds the app from the settings it was bound with (late-bound ingress)."""
+
+    def __init__(self, settings: RewardSettings | dict | None = None) -> None:
+        if isinstance(settings, RewardSettings):
+            self._settings = settings
+        else:
+            self._settings = RewardSettings(**(settings or {}))
+
+    def __serve_build_asgi_app__(self):
+        """Called by Serve after __init__: this replica's FastAPI app."""
+        return create_app(self._settings)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve_http_address(http_port: int | None) -> tuple[str, int]:
+    """Start Serve on 127.0.0.1 if it is not running; the proxy's (host, port) either way."""
+    # Private, but Serve has no public accessor for the running proxy's address.
+    from ray.serve.context import _get_global_client
+
+    if _get_global_client(raise_if_no_controller_running=False) is None:
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port or _free_port()})
+    config = _get_global_client().http_config
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "", None) else config.host
+    return host, config.port
+
+
+def deploy(
+    replicas: int = 1,
+    route_prefix: str = "/",
+    settings: RewardSettings | dict | None = None,
+    *,
+    name: str = DEFAULT_APP_NAME,
+    http_port: int | None = None,
+    num_cpus: float = 0.0,
+    ready_timeout_s: float = 180.0,
+) -> str:
+    """Deploy (or update) the reward server in the current Ray cluster; return its base URL.
+
+    Call inside an initialised Ray (`ray.init`). Starts Serve on 127.0.0.1 (on `http_port`, else
+    a free port) unless it already runs, and returns once GET /readyz answers 200.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("deploy() needs an initialised Ray: call ray.init(...) first")
+    settings = settings if settings is not None else RewardSettings()
+    host, port = _serve_http_address(http_port)
+    app = RewardDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}).bind(settings)
+    serve.run(app, name=name, route_prefix=route_prefix)
+    base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
+    _wait_ready(base_url, ready_timeout_s)
+    return base_url
+
+
+def _wait_ready(base_url: str, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < end:
+        try:
+            r = httpx.get(base_url + "/readyz", timeout=5.0)
+            if r.status_code == 200:
+                return
+            last = f"{r.status_code} {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"reward server at {base_url} not ready after {timeout_s}s: {last}")
+
+
+def undeploy(name: str = DEFAULT_APP_NAME) -> None:
+    """Remove the reward-server application (Serve itself keeps running)."""
+    serve.delete(name)
