@@ -42,7 +42,19 @@ def _serve_reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from services.train import add_arguments  # stdlib-only module: keeps --help instant
+
+    add_arguments(p)
+
+
 COMMANDS: list[Command] = [
+    Command(
+        "train",
+        "run an RL job (GRPO, AEPO or a baseline) from a YAML config; writes metrics, summary, plot, checkpoints",
+        "services.train:main",
+        _train_args,
+    ),
     Command(
         "demo",
         "AEPO's mechanism on a softmax bandit: positives drawn at T>1 raise entropy, T<1 lower it",

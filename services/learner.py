@@ -212,13 +212,19 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ the update
 
-    def update(self, shard: TrainBatch) -> dict[str, float]:
-        """One RL update on this rank's shard: old log-probs, then `mini_batches` optimizer steps."""
+    def update(self, shard: TrainBatch, step: int | None = None, publish_to: str | None = None) -> dict[str, float]:
+        """One RL update on this rank's shard: old log-probs, then `mini_batches` optimizer steps.
+
+        With `publish_to` (the entropy controller's actor name), rank 0 publishes the step's
+        entropy there before training on it: the controller reads it live, from the learners.
+        """
         t0 = time.perf_counter()
         batch = shard.to(self.device)
         self.model.eval()  # dropout-free scoring of the behaviour policy at T=1
         old_logp, entropy = self._score(batch)
         stats = self._entropy_stats(batch, old_logp, entropy)
+        if publish_to and self.rank == 0:
+            self._publish(publish_to, step, stats)
         self.model.train()
         M = self.cfg.mini_batches
         if len(batch) % M:
@@ -233,6 +239,18 @@ class LearnerWorker:
         elapsed = time.perf_counter() - t0
         stats.update(_finish_stats(totals, M, elapsed))
         return stats
+
+    @staticmethod
+    def _publish(controller_name: str, step: int | None, stats: dict[str, float]) -> None:
+        import ray
+
+        if step is None:
+            raise ValueError("publishing entropy needs the step it belongs to")
+        controller = ray.get_actor(controller_name)
+        ray.get([
+            controller.observe.remote(step, stats["entropy_exact_grpo"], "exact"),
+            controller.observe.remote(step, stats["entropy_sampled_grpo"], "sampled"),
+        ])
 
     def _entropy_stats(self, batch: TrainBatch, old_logp: torch.Tensor, entropy: torch.Tensor) -> dict[str, float]:
         """Exact token-mean entropy at T=1 of GRPO rows and of regularizer rows; sampled estimates."""
@@ -450,11 +468,17 @@ class LearnerGroup:
     def _as_batch(self, batch: "TrainBatch | dict") -> TrainBatch:
         return batch if isinstance(batch, TrainBatch) else TrainBatch.from_dict(batch, self.pad_id)
 
-    def update(self, batch: "TrainBatch | dict") -> dict[str, float]:
-        """One RL update on the global batch; stats are global (all-reduced), taken from rank 0."""
+    def update(
+        self, batch: "TrainBatch | dict", step: int | None = None, publish_to: str | None = None
+    ) -> dict[str, float]:
+        """One RL update on the global batch; stats are global (all-reduced), taken from rank 0.
+
+        `publish_to`: the entropy controller's actor name; rank 0 publishes the step's entropy there.
+        """
         batch = self._as_batch(batch)
         shards = shard_batch(batch, self.world_size, self.cfg.mini_batches)
-        return self._fan_out("update", shards)[0]
+        n = self.world_size
+        return self._fan_out("update", shards, [step] * n, [publish_to] * n)[0]
 
     def compute_logprobs(self, batch: "TrainBatch | dict", temperature: float = 1.0) -> torch.Tensor:
         """log π_T of every token given its prefix, [B, L] (column 0 is 0), no grad."""
