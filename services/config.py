@@ -280,6 +280,9 @@ class TrainerConfig(_Strict):
     metrics_host: str = Field(
         "127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 inside a container or pod, so Prometheus can reach it)."
     )
+    log_samples: int = Field(
+        4, ge=0, description="Per step, write this many GRPO samples and every kept regularizer sample to samples.jsonl (0 = none)."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
 
 

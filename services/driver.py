@@ -136,6 +136,7 @@ def verify(reward: RewardService, samples: list[Rollout], step: int, kind: str) 
 def update_batch(rows: list[Rollout], advantages: list[float], is_reg: list[bool]) -> dict:
     """The learner's batch: prompt/response ids per sequence plus its advantage and role."""
     return {
+        "_rows": rows,  # the samples themselves, for the driver's logs (never sent to the learners)
         "prompt_ids": [r.prompt_ids for r in rows],
         "response_ids": [r.response_ids for r in rows],
         "advantages": [float(a) for a in advantages],
@@ -198,6 +199,7 @@ class Trainer:
         self.stream = PromptStream(self.train_items, self.cfg.trainer.prompts_per_step, self.cfg.trainer.seed)
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
         self.eval_log = MetricsLog(self.output_dir / "eval.jsonl")
+        self.sample_log = MetricsLog(self.output_dir / "samples.jsonl")
 
     # ------------------------------------------------------------------ helpers
     def _encoded(self, items: list[PromptItem]) -> list[tuple[PromptItem, list[int]]]:
@@ -235,12 +237,13 @@ class Trainer:
 
         t = time.monotonic()  # 5
         batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)))
+        self._log_samples(step, grpo, batch)
         if plan:
             parts.controller.record_selection(step, sel["reg_selected"])
         timings["controller"] = time.monotonic() - t
 
         t = time.monotonic()  # 6 + 7: the learners publish the step's entropy to the controller
-        stats = parts.learner.update(batch, step)
+        stats = parts.learner.update({k: v for k, v in batch.items() if not k.startswith("_")}, step)
         timings["learner"] = time.monotonic() - t
 
         t = time.monotonic()  # 8
@@ -300,6 +303,21 @@ class Trainer:
     def _due(self, every: int) -> bool:
         last = self.step == self.cfg.trainer.steps
         return last or (every > 0 and self.step % every == 0)
+
+    def _log_samples(self, step: int, grpo: list[Rollout], batch: dict) -> None:
+        """samples.jsonl: the first few GRPO samples and every regularizer sample trained on."""
+        n = self.cfg.trainer.log_samples
+        if n == 0:
+            return
+        reg_rows = [i for i, flag in enumerate(batch["is_regularizer"]) if flag]
+        picked = [("grpo", s, None) for s in grpo[:n]]
+        picked += [("regularizer", batch["_rows"][i], batch["advantages"][i]) for i in reg_rows]
+        for kind, s, adv in picked:
+            self.sample_log.append({
+                "step": step, "kind": kind, "prompt_id": s.prompt.id, "prompt": s.prompt.prompt, "response": s.text,
+                "temperature": s.temperature, "policy_version": s.policy_version, "engine": s.engine,
+                "finish_reason": s.finish_reason, "reward": s.reward, "outcome": s.outcome, "advantage": adv,
+            })
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, after_steps: int) -> dict:
@@ -372,6 +390,7 @@ class Trainer:
         self.parts.rollout.load_weights(self.policy_version, self.parts.learner.full_weights())
         self.log.truncate_after(self.step - 1)
         self.eval_log.truncate_after(self.step)
+        self.sample_log.truncate_after(self.step - 1)
         return True
 
     # ------------------------------------------------------------------ the loop

@@ -160,6 +160,10 @@ def test_an_aepo_step_trains_on_correct_regularizer_positives_that_replace_grpo_
         if flag:
             assert "".join(map(chr, resp)) == "good" and adv == 1.0
     assert row["reg_temperature"] == 1.2 and row["reg_direction"] == "up"
+    logged = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    reg_logged = [r for r in logged if r["kind"] == "regularizer"]
+    assert len(reg_logged) == n_reg and len(logged) == n_reg + 4
+    assert all(r["temperature"] == 1.2 and r["reward"] == 1.0 and r["advantage"] == 1.0 for r in reg_logged)
     # the regularizer batch came from half of the prompts, drawn after the GRPO batch
     kinds = [c for c in parts.rollout.calls if c[0] == "generate"]
     assert kinds[0][2] == 1.0 and len(kinds[1][1]) == 2 and kinds[1][2] == 1.2
