@@ -13,8 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from services.config import AEPOConfig, TrainConfig
 from services.data import PromptItem

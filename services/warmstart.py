@@ -89,6 +89,8 @@ def _train_loop(config: dict) -> None:
         losses.append(float(loss))
         if step % 25 == 0 or step == config["steps"] - 1:
             ray.train.report({"step": step, "loss": float(loss), "seconds": time.monotonic() - t0})
+        if rank == 0 and (step % 5 == 0 or step == config["steps"] - 1):  # for the driver's progress bar
+            (Path(config["out_tmp"]) / "progress.json").write_text(json.dumps({"step": step + 1, "loss": float(loss)}))
     if rank == 0:
         inner = model.module if hasattr(model, "module") else model
         inner.save_pretrained(config["out_tmp"], safe_serialization=True)
@@ -148,10 +150,42 @@ def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartSettings) -> dict
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"aepo-warmstart-{tmp.name.strip('.')}", storage_path=str(tmp.parent / ".ray-train")),
     )
-    result = trainer.fit()
+    result = _fit_with_progress(trainer, tmp / "progress.json", cfg.steps)
     if not (tmp / "config.json").exists():
         raise RuntimeError(f"warm start finished without writing a model (result: {result})")
     return {**json.loads((tmp / "warmstart_log.json").read_text()), "seconds": round(time.monotonic() - t0, 1)}
+
+
+def _fit_with_progress(trainer, progress_file: Path, total: int):
+    """trainer.fit() in a thread while a progress bar follows rank 0's progress file."""
+    import threading
+
+    from tqdm import tqdm
+
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    with tqdm(total=total, desc="warm start (SFT)", unit="step", dynamic_ncols=True) as bar:
+        while thread.is_alive():
+            thread.join(timeout=1.0)
+            raw = _read(progress_file)
+            if raw:
+                try:
+                    info = json.loads(raw)
+                except ValueError:
+                    continue  # caught mid-write
+                bar.update(info["step"] - bar.n)
+                bar.set_postfix_str(f"loss={info['loss']:.3f}", refresh=False)
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def _read(path: Path) -> str | None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,30 +32,7 @@ def strict_client():
     c.__exit__(None, None, None)
 
 
-@pytest.fixture(scope="session")
-def redis_url():
-    """A real redis-server on 127.0.0.1:<free port>, no persistence; stopped after the session."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.fail("redis-server is not installed: run `bash scripts/setup.sh --test` (it apt-installs it)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    end = time.monotonic() + 20
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > end:
-                pytest.fail(f"redis-server did not start on port {port} (exit code {proc.poll()})")
-            time.sleep(0.05)
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(timeout=10)
+# `redis_url` (a real redis-server on 127.0.0.1) comes from tests/conftest.py
 
 
 def start_server_process(port: int, *extra: str, env: dict | None = None) -> subprocess.Popen:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 
 import httpx
@@ -10,12 +9,7 @@ from fastapi.testclient import TestClient
 
 from reward_server.main import create_app
 from reward_server.settings import RewardSettings
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from testlib import free_port  # noqa: F401  (re-exported for the reward-server tests)
 
 
 def wait_ready(client, timeout_s: float = 60.0) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
+from testlib import free_port
 import torch
 from reference_decoding import hf_model_with
 
@@ -157,12 +157,6 @@ def test_the_driver_dict_batch_is_accepted(group):
     assert stats["grpo_tokens"] == 5 and stats["reg_tokens"] == 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize(
     "algo",
     [GRPOConfig(), AEPOConfig(mode="append"), EntropyRegConfig(), EntropyAdvConfig(), ClipCovConfig(), KLCovConfig()],
@@ -173,7 +167,7 @@ def test_every_loss_variant_takes_a_finite_step_on_one_in_process_rank(tiny_mode
     batch = make_batch(rows=6, n_reg=2 if isinstance(algo, AEPOConfig) else 0, seed=3)
     cfg = LearnerConfig(num_workers=1, cpus_per_worker=2, micro_batch_size=4)
     worker = LearnerWorker(0, 1, tiny_model_path, cfg, algo, seed=0)
-    worker.setup("127.0.0.1", _free_port())
+    worker.setup("127.0.0.1", free_port())
     try:
         stats = worker.update(batch)
     finally:

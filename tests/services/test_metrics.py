@@ -3,16 +3,10 @@
 import urllib.request
 
 from prometheus_client import generate_latest
+from testlib import free_port
 
 from services.metrics import CATALOGUE, RunMetrics, exported_names
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 ROW = {
     "step": 7, "policy_version": 8, "entropy": 0.41, "entropy_sampled": 0.44, "entropy_target": 0.35,

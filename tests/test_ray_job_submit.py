@@ -1,0 +1,64 @@
+"""`ray job submit` of the driver entrypoint against a real local head (ray start on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from testlib import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    # the job's `python` is the one on the head's PATH: this venv's
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dash = free_port(), free_port()
+    start = [
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
+        f"--temp-dir={tmp_path / 'ray'}",
+    ]
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dash}", env
+    finally:
+        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_the_driver_runs_as_a_ray_job_on_a_local_head(ray_head, tmp_path):
+    address, env = ray_head
+    out = tmp_path / "job-run"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(
+        "run_name: job\n"
+        "algorithm: {type: grpo}\n"
+        "data: {type: countdown, num_train: 50, num_eval: 4}\n"
+        "rollout: {engine: hf, group_size: 2, max_tokens: 8, cpus_per_actor: 0.5}\n"
+        "learner: {num_workers: 2, cpus_per_worker: 0.5, micro_batch_size: 8}\n"
+        "reward: {mode: serve}\n"
+        f"trainer: {{steps: 2, prompts_per_step: 2, eval_every: 0, save_every: 0, eval_samples: 2, output_dir: {out}}}\n"
+        "warm_start: {steps: 0}\n"
+    )
+    cmd = [
+        str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
+        "--", "python", "-m", "services.train", "--config", str(cfg), "--no-progress",
+    ]
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout.lower() or "SUCCEEDED" in proc.stdout
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and rows[-1]["algorithm"] == "grpo"
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert time.monotonic() - t0 < 600
