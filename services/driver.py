@@ -237,7 +237,6 @@ class Trainer:
 
         t = time.monotonic()  # 5
         batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)))
-        self._log_samples(step, grpo, batch)
         if plan:
             parts.controller.record_selection(step, sel["reg_selected"])
         timings["controller"] = time.monotonic() - t
@@ -245,6 +244,7 @@ class Trainer:
         t = time.monotonic()  # 6 + 7: the learners publish the step's entropy to the controller
         stats = parts.learner.update({k: v for k, v in batch.items() if not k.startswith("_")}, step)
         timings["learner"] = time.monotonic() - t
+        self._log_samples(step, grpo, batch)  # after the update: a crashed step leaves no trace
 
         t = time.monotonic()  # 8
         self.policy_version += 1

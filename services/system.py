@@ -30,7 +30,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters only; a real cluster sets its own
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address="auto", log_to_driver=not quiet)
+        # the address itself, not "auto": auto may pick another cluster on the same machine
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
         return
     ray.init(
         num_cpus=num_cpus or os.cpu_count() or 2,

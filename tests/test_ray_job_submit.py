@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,21 +23,47 @@ BIN = Path(sys.executable).parent
 
 
 @pytest.fixture()
-def ray_head(tmp_path):
+def ray_head():
+    """`ray start --head --block` in its own process group; killing the group stops only this cluster
+    (`ray stop` would also stop the test session's own local Ray)."""
     # the job's `python` is the one on the head's PATH: this venv's
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
+    # every port of its own: the session's local Ray (tests/conftest.py) holds the default ones
+    own_ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # unix socket paths must stay under 107 bytes
     start = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
-        f"--temp-dir={tmp_path / 'ray'}",
+        f"--temp-dir={temp}", *own_ports,
     ]
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"ray head did not start (exit code {proc.poll()})")
+                time.sleep(0.5)
+        yield address, env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_the_driver_runs_as_a_ray_job_on_a_local_head(ray_head, tmp_path):
@@ -55,7 +85,11 @@ def test_the_driver_runs_as_a_ray_job_on_a_local_head(ray_head, tmp_path):
         "--", "python", "-m", "services.train", "--config", str(cfg), "--no-progress",
     ]
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(30):  # the head's job agent comes up a little after its dashboard
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in proc.stderr + proc.stdout:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout.lower() or "SUCCEEDED" in proc.stdout
     rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import httpx
 import pytest
 
@@ -22,19 +20,16 @@ ITEMS = [
 
 
 @pytest.fixture(scope="module")
-def ray_serve_url():
-    os.environ["RAY_AUTH_MODE"] = "disabled"  # Ray 2.60 enables token auth by default
-    import ray
+def ray_serve_url(ray_local):
+    """The app on Ray Serve in the session's real local Ray (tests/conftest.py)."""
     from ray import serve
 
     from reward_server.serve_deploy import deploy
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
     try:
         yield deploy(replicas=1, route_prefix="/", settings=RewardSettings(workers=1, token="t0k"))
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def test_serve_deployment_matches_standalone(ray_serve_url, client):
