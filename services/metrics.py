@@ -32,7 +32,7 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("aepo_policy_entropy", "gauge", "Token-mean policy entropy at T=1 of the GRPO batch, nats.", ("run_id", "source")),
     MetricSpec("aepo_entropy_target", "gauge", "Target entropy H* this step, nats."),
     MetricSpec("aepo_regularizer_temperature", "gauge", "Temperature the regularizer batch was drawn at."),
-    MetricSpec("aepo_regularizer_m", "gauge", "Most regularizer positives the controller allowed this step."),
+    MetricSpec("aepo_regularizer_max_selected", "gauge", "Most regularizer positives the controller allowed this step."),
     MetricSpec("aepo_regularizer_selected", "gauge", "Regularizer positives kept this step."),
     MetricSpec("aepo_controller_decisions_total", "counter", "Controller decisions by direction.", ("run_id", "direction")),
     MetricSpec("aepo_reward_mean", "gauge", "Mean reward per batch kind.", ("run_id", "batch_kind")),
@@ -104,7 +104,7 @@ class RunMetrics:
         optional = {
             "entropy_target": "aepo_entropy_target",
             "reg_temperature": "aepo_regularizer_temperature",
-            "reg_m": "aepo_regularizer_m",
+            "reg_m": "aepo_regularizer_max_selected",
             "reg_selected": "aepo_regularizer_selected",
             "rollout_tokens_per_s": "aepo_rollout_tokens_per_second",
             "learner_tokens_per_s": "aepo_learner_tokens_per_second",

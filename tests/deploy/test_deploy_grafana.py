@@ -101,7 +101,7 @@ def test_dashboard_answers_the_issue_questions():
     assert any(p["type"] == "state-timeline" and "aepo_regularizer_temperature" in exprs[t] for t, p in panels.items())
     panel_with("aepo_reward_mean")
     panel_with("aepo_accuracy")
-    panel_with("aepo_regularizer_selected", "aepo_regularizer_m")
+    panel_with("aepo_regularizer_selected", "aepo_regularizer_max_selected")
     panel_with("aepo_rollout_tokens_per_second", "aepo_learner_tokens_per_second")
     panel_with("aepo_weight_sync_seconds")
     panel_with("aepo_phase_seconds")
