@@ -205,6 +205,11 @@ class RolloutConfig(_Strict):
         0.05, gt=0.0, le=1.0, description="vLLM's memory reservation share (keep low on CPU: it reserves RAM)."
     )
     cpus_per_actor: float = Field(1.0, gt=0.0, description="Ray CPUs reserved by each rollout actor (fractions allowed).")
+    torch_threads: int | None = Field(
+        None, ge=1,
+        description="CPU engines: torch threads per rollout actor (None = the CPUs it reserves). Generation and the "
+        "learner update never overlap, so on a small machine the engine may use every core while it generates.",
+    )
     gpus_per_actor: float | None = Field(
         None, ge=0.0, description="Ray GPUs per rollout actor; None = 1 for engine 'vllm', else 0 (hf uses a GPU only if given one)."
     )

@@ -184,7 +184,7 @@ class RolloutPool:
         self.cfg = cfg
         remote_cls = ray.remote(RolloutService)
         self.actors = [
-            remote_cls.options(**rollout_resources(cfg)).remote(model_path, cfg, seed + i, max(1, int(cfg.cpus_per_actor)))
+            remote_cls.options(**rollout_resources(cfg)).remote(model_path, cfg, seed + i, cfg.torch_threads or max(1, int(cfg.cpus_per_actor)))
             for i in range(cfg.num_actors)
         ]
         ray.get([a.ready.remote() for a in self.actors])

@@ -16,7 +16,7 @@ import urllib.request
 from collections import defaultdict
 
 import pytest
-from testlib import free_port
+from testlib import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +44,12 @@ def prometheus(tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{web}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{base}/-/ready", timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail("prometheus did not start")
-            time.sleep(0.2)
-    yield base, target
-    proc.terminate()
-    proc.wait(timeout=20)
+    try:
+        wait_for_http(f"{base}/-/ready", proc, "prometheus", timeout_s=30)
+        yield base, target
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 def _series(base: str, query: str, start: float, end: float) -> dict[float, float]:

@@ -10,11 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from testlib import free_port
+from testlib import free_port, wait_for_http
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,15 +42,7 @@ def ray_head():
     proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"ray head did not start (exit code {proc.poll()})")
-                time.sleep(0.5)
+        wait_for_http(f"{address}/api/version", proc, "ray head", timeout_s=120, interval_s=0.5)
         yield address, env
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

@@ -10,3 +10,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc, what: str, timeout_s: float = 60.0, interval_s: float = 0.2) -> None:
+    """Poll `url` until it answers 2xx; fail the test if `proc` exits or the deadline passes."""
+    import time
+    import urllib.request
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{what} did not start (exit code {proc.poll()})")
+            time.sleep(interval_s)

@@ -39,18 +39,27 @@ def _as_plain_int(text: str) -> int | None:
     return int(text) if _PLAIN_INT_RE.match(text) else None
 
 
-def math_fast_path(response: str, reference: Any) -> Verdict | None:
-    """Decide inline when it is cheap and certain; None defers to `verify_math` in a worker.
-
-    Decides: no final answer (`unparsable`), a bad reference (`error`), and integer-vs-integer
-    answers (DAPO-Math-17k references are integers), which needs no sympy.
-    """
+def _answer_and_refs(response: str, reference: Any) -> tuple[str, list[str]] | Verdict:
+    """(final answer, reference strings), or the verdict when either is missing or malformed."""
     refs = _reference_strings(reference)
     if refs is None:
         return error("math reference must be a string, a number or a list of them")
     answer = final_math_answer(response)
     if answer is None:
         return unparsable("no final answer: expected a \\boxed{...} or an 'Answer: ...' line")
+    return answer, refs
+
+
+def math_fast_path(response: str, reference: Any) -> Verdict | None:
+    """Decide inline when it is cheap and certain; None defers to `verify_math` in a worker.
+
+    Decides: no final answer (`unparsable`), a bad reference (`error`), and integer-vs-integer
+    answers (DAPO-Math-17k references are integers), which needs no sympy.
+    """
+    parsed = _answer_and_refs(response, reference)
+    if isinstance(parsed, Verdict):
+        return parsed
+    answer, refs = parsed
     pred = _as_plain_int(answer)
     golds = [_as_plain_int(r) for r in refs]
     if pred is None or any(g is None for g in golds):
@@ -64,12 +73,10 @@ def verify_math(response: str, reference: Any) -> Verdict:
     """Full check with math-verify (runs in a worker process: it may hang; the pool kills it)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    refs = _reference_strings(reference)
-    if refs is None:
-        return error("math reference must be a string, a number or a list of them")
-    answer = final_math_answer(response)
-    if answer is None:
-        return unparsable("no final answer: expected a \\boxed{...} or an 'Answer: ...' line")
+    parsed = _answer_and_refs(response, reference)
+    if isinstance(parsed, Verdict):
+        return parsed
+    answer, refs = parsed
     # Wrapping both sides in \boxed{} makes math-verify read exactly the text we extracted.
     config = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
     pred = parse("\\boxed{" + answer + "}", extraction_config=config, parsing_timeout=None)
