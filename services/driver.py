@@ -295,6 +295,7 @@ class Trainer:
         row["step_seconds"] = time.monotonic() - t_step
         compute = timings["rollout"] + timings["learner"]
         row["step_overhead"] = (row["step_seconds"] - timings["eval"] - timings["checkpoint"]) / max(compute, 1e-9)
+        row = _json_safe(row)  # NaN (e.g. no regularizer tokens) is not JSON: write null
         self.log.append(row)
         if self.parts.metrics is not None:
             self.parts.metrics.record_step(row)
@@ -441,6 +442,14 @@ def _postfix(row: dict) -> str:
     if acc is not None:
         parts.append(f"acc={acc:.2f}")
     return " ".join(parts)
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
 
 
 def _jsonable_rng(state) -> list:

@@ -107,7 +107,8 @@ class FakeLearner:
         h = self.entropies[step % len(self.entropies)]
         self.controller.observe(step, h, "exact")
         self.version += 1
-        return {"entropy": h, "entropy_sampled": h + 0.01, "pg_loss": 0.0, "tokens_per_s": 100.0}
+        return {"entropy": h, "entropy_sampled": h + 0.01, "entropy_regularizer": float("nan"), "pg_loss": 0.0,
+                "tokens_per_s": 100.0}
 
     def full_weights(self):
         return {"version": self.version}
@@ -195,6 +196,7 @@ def test_metrics_rows_carry_the_entropy_series_and_the_time_split(tmp_path):
         assert key in rows[0], key
     assert set(rows[0]["time"]) >= {"rollout", "reward", "learner", "weight_sync", "controller"}
     assert [r["policy_version"] for r in rows] == [1, 2]
+    assert rows[0]["entropy_regularizer"] is None  # NaN from the learners is written as JSON null
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 2 and (tmp_path / "run" / "entropy.png").stat().st_size > 0
     assert "eval_before" in summary and "eval_pass@1" in summary["eval_after"]
