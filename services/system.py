@@ -26,6 +26,8 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
     """Join RAY_ADDRESS's cluster when set (ray job submit), else start a local one on loopback."""
     import ray
 
+    if quiet:  # Serve's INFO lines ("Started Serve ...") would break the progress bar
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters only; a real cluster sets its own
