@@ -42,7 +42,7 @@ count as `normalizer` (see `loss_token_count`).
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,95 @@ def exact_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     """Exact entropy -sum_v pi_T(v) log pi_T(v) at every position, [B, L] (chunked, differentiable)."""
     _, ent = token_logprobs_and_entropy(logits, None, temperature, chunk_size, with_entropy=True)
     return ent
+
+
+def entropy_split(
+    logits: torch.Tensor, token_ids: Sequence[int], temperature: float = 1.0, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the exact entropy at every position into (irrelevant, content), [B, L] each.
+
+    With S the given token set (e.g. the toy's optional space, which the reward ignores) and
+    q = pi(S), the chain rule gives H(pi) = [H_b(q) + q H(pi | S)] + (1 - q) H(pi | not S):
+    the first bracket is the entropy of choices the reward cannot see (whether to emit a token
+    from S, and which), the second the entropy among the other tokens. Both are >= 0 and they
+    sum to the exact entropy. `content` = -sum_{i not in S} p_i log p_i + (1 - q) log(1 - q).
+    No grad.
+    """
+    B, L, V = logits.shape
+    in_s = torch.zeros(V, dtype=torch.bool, device=logits.device)
+    if len(token_ids):
+        in_s[torch.as_tensor(list(token_ids), dtype=torch.long, device=logits.device)] = True
+    flat = logits.detach().reshape(B * L, V)
+    irr, con = [], []
+    with torch.no_grad():
+        for sl in _row_chunks(B * L, chunk_size):
+            logp = F.log_softmax(flat[sl].float() / temperature, dim=-1)
+            p = logp.exp()
+            plogp = p * logp
+            total = -plogp.sum(-1)
+            rest = 1.0 - p[:, in_s].sum(-1)  # 1 - q
+            content = -plogp[:, ~in_s].sum(-1) + torch.xlogy(rest, rest)
+            content = content.clamp_min(0.0).minimum(total)
+            con.append(content)
+            irr.append(total - content)
+    return torch.cat(irr).reshape(B, L), torch.cat(con).reshape(B, L)
+
+
+def forking_split(
+    entropy: torch.Tensor, mask: torch.Tensor, share: float = 0.2, bins: int = 2048, max_entropy: float | None = None
+) -> torch.Tensor:
+    """Sufficient statistics for the "forking tokens" split, as a [2, bins] tensor (counts, entropy sums).
+
+    Tokens are binned by entropy on [0, max_entropy] (default: the largest value seen, so pass
+    log V when ranks must agree). The statistics add across data-parallel ranks; `forking_stats`
+    turns them into the top-`share` vs rest split. A histogram, not a sort, so it scales to
+    millions of tokens and all-reduces in one call.
+    """
+    vals = entropy[mask > 0].detach().double().flatten()
+    top = float(max_entropy) if max_entropy is not None else float(vals.max()) if vals.numel() else 1.0
+    idx = (vals / max(top, 1e-12) * bins).long().clamp_(0, bins - 1)
+    out = torch.zeros(2, bins, dtype=torch.float64)
+    out[0].index_add_(0, idx.cpu(), torch.ones_like(vals).cpu())
+    out[1].index_add_(0, idx.cpu(), vals.cpu())
+    return out
+
+
+def forking_stats(hist: torch.Tensor, share: float = 0.2) -> dict[str, float]:
+    """From `forking_split` statistics: the highest-entropy bins holding >= `share` of the tokens.
+
+    Returns the mean entropy of those forking tokens and of the rest, the fraction of all entropy
+    they carry, and the fraction of tokens actually taken (>= share; bins are not split).
+    """
+    counts, sums = hist[0], hist[1]
+    n, total = float(counts.sum()), float(sums.sum())
+    if n == 0:
+        nan = float("nan")
+        return {"forking": nan, "nonforking": nan, "forking_entropy_share": nan, "forking_token_share": nan}
+    from_top = counts.flip(0).cumsum(0)
+    k = int(torch.searchsorted(from_top, torch.tensor(share * n, dtype=from_top.dtype)).item()) + 1
+    k = min(k, len(counts))
+    top_n, top_sum = float(from_top[k - 1]), float(sums.flip(0)[:k].sum())
+    rest_n = n - top_n
+    return {
+        "forking": top_sum / top_n,
+        "nonforking": (total - top_sum) / rest_n if rest_n > 0 else float("nan"),
+        "forking_entropy_share": top_sum / total if total > 0 else float("nan"),
+        "forking_token_share": top_n / n,
+    }
+
+
+def position_profile(
+    entropy: torch.Tensor, mask: torch.Tensor, bucket: int = 1, buckets: int = 32
+) -> torch.Tensor:
+    """[2, buckets] (token counts, entropy sums) by response position: position p (0 = the first
+    response token) goes to bucket min(p // bucket, buckets - 1). Adds across ranks."""
+    m = mask > 0
+    pos = (mask.cumsum(-1) - 1).long()
+    idx = (pos[m] // bucket).clamp_(max=buckets - 1).cpu()
+    out = torch.zeros(2, buckets, dtype=torch.float64)
+    out[0].index_add_(0, idx, torch.ones(idx.numel(), dtype=torch.float64))
+    out[1].index_add_(0, idx, entropy[m].detach().double().cpu())
+    return out
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -225,6 +225,24 @@ class RolloutConfig(_Strict):
     max_batch_rows: int = Field(1024, ge=1, description="hf engine: most rows (prompts x n) per padded batch.")
 
 
+class EntropyAnalysisConfig(_Strict):
+    """Where the entropy lives: the per-step split every run reports (metrics.jsonl `token_entropy`,
+    Prometheus `aepo_token_entropy{kind}`)."""
+
+    irrelevant_tokens: list[str] | None = Field(
+        None,
+        description="Tokens the reward ignores; the entropy of choosing among them (vs the rest) is reported "
+        "as `irrelevant`, the remainder as `content`. None: the task's default ([' '] for countdown, none for files).",
+    )
+    forking_share: float = Field(
+        0.2, gt=0.0, lt=1.0, description="The highest-entropy share of GRPO tokens reported as `forking` tokens."
+    )
+    position_bucket: int = Field(1, ge=1, description="Response positions per bucket of the entropy-by-position profile.")
+    position_buckets: int = Field(
+        32, ge=1, le=512, description="Buckets in the profile; the last one holds every later position."
+    )
+
+
 class LearnerConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="FSDP learner actors (one torch.distributed rank each).")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
@@ -243,6 +261,12 @@ class LearnerConfig(_Strict):
         "PACK", description="Ray placement-group strategy of the learner bundles."
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (large models).")
+    fuse_scoring: bool = Field(
+        True,
+        description="With one mini-batch (on-policy), take the old log-probs and the entropy from the training "
+        "forward itself (detached) instead of a separate scoring pass: identical values, one forward fewer.",
+    )
+    entropy_analysis: EntropyAnalysisConfig = Field(default_factory=EntropyAnalysisConfig)
 
 
 class RewardConfig(_Strict):
@@ -314,6 +338,16 @@ class TrainConfig(_Strict):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
+
+
+def learner_config(cfg: TrainConfig) -> LearnerConfig:
+    """The learner settings with the task's defaults filled in: the countdown toy's reward ignores
+    spaces, so its entropy analysis splits off the space choice unless told otherwise."""
+    ea = cfg.learner.entropy_analysis
+    if ea.irrelevant_tokens is None:
+        tokens = [" "] if cfg.data.type == "countdown" else []
+        ea = ea.model_copy(update={"irrelevant_tokens": tokens})
+    return cfg.learner.model_copy(update={"entropy_analysis": ea})
 
 
 def load_config(path: str | Path) -> TrainConfig:

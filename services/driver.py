@@ -278,6 +278,9 @@ class Trainer:
             "learner_tokens_per_s": stats.get("tokens_per_s"),
             "weight_sync_seconds": timings["weight_sync"],
             "token_entropy": stats.get("token_entropy"),
+            "entropy_irrelevant_share": stats.get("entropy_irrelevant_share"),
+            "entropy_forking_share": stats.get("entropy_forking_share"),
+            "entropy_by_position": stats.get("entropy_by_position"),
         }
         self.step += 1
         return self._finish_row(row, timings, t_step)

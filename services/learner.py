@@ -176,6 +176,8 @@ class LearnerWorker:
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
         self.model = build_fsdp_model(self.model_path, self.cfg, self.device, self.seed)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        self.irrelevant_ids = _token_ids(self.model_path, self.cfg.entropy_analysis.irrelevant_tokens or [])
+        self.vocab_size = int(self.model.config.vocab_size)
 
     # ------------------------------------------------------------------ forward passes
 
@@ -191,8 +193,9 @@ class LearnerWorker:
 
     @torch.no_grad()
     def _score(self, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = True):
-        """Per-token log π_T(o_t) [B, L-1] (position t predicts token t+1) and exact entropy."""
-        lps, ents = [], []
+        """Per-token log π_T(o_t) [B, L-1] (position t predicts token t+1), exact entropy and its
+        reward-irrelevant part (both None without `with_entropy`)."""
+        lps, ents, irrs = [], [], []
         L = batch.tokens.shape[1]
         for mb in self._micro_batches(batch):
             logits, width = self._logits(mb)
@@ -202,12 +205,22 @@ class LearnerWorker:
             lps.append(torch.nn.functional.pad(lp.float(), (0, L - width)))
             if with_entropy:
                 ents.append(torch.nn.functional.pad(ent.float(), (0, L - width)))
-        return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
+                irrs.append(torch.nn.functional.pad(self._irrelevant(logits[:, :-1]), (0, L - width)))
+        if not with_entropy:
+            return torch.cat(lps), None, None
+        return torch.cat(lps), torch.cat(ents), torch.cat(irrs)
+
+    def _irrelevant(self, logits: torch.Tensor) -> torch.Tensor:
+        """The reward-irrelevant part of each position's entropy (zeros when no such tokens)."""
+        if not self.irrelevant_ids:
+            return torch.zeros(logits.shape[:2], device=logits.device)
+        irr, _ = alg.entropy_split(logits, self.irrelevant_ids, 1.0, self.cfg.entropy_chunk_size)
+        return irr.float()
 
     def compute_logprobs(self, shard: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
         """log π_T(tokens[:, t] | tokens[:, <t]) as [B, L]; column 0 (nothing predicts it) is 0."""
         self.model.eval()
-        logp, _ = self._score(shard.to(self.device), temperature, with_entropy=False)
+        logp, _, _ = self._score(shard.to(self.device), temperature, with_entropy=False)
         return torch.nn.functional.pad(logp, (1, 0)).cpu()
 
     # ------------------------------------------------------------------ the update
@@ -220,22 +233,34 @@ class LearnerWorker:
         """
         t0 = time.perf_counter()
         batch = shard.to(self.device)
-        self.model.eval()  # dropout-free scoring of the behaviour policy at T=1
-        old_logp, entropy = self._score(batch)
-        stats = self._entropy_stats(batch, old_logp, entropy)
-        if publish_to and self.rank == 0:
-            self._publish(publish_to, step, stats)
-        self.model.train()
         M = self.cfg.mini_batches
         if len(batch) % M:
             raise ValueError(f"shard of {len(batch)} rows does not split into {M} mini-batches; use shard_batch")
-        per = len(batch) // M
-        totals: dict[str, float] = {}
-        for k in range(M):
-            rows = slice(k * per, (k + 1) * per)
-            step_stats = self._train_minibatch(batch.select(rows), old_logp[rows])
-            for key, v in step_stats.items():
-                totals[key] = totals.get(key, 0.0) + v
+        stats: dict[str, Any] = {}
+
+        def observe(old_logp: torch.Tensor, entropy: torch.Tensor, irrelevant: torch.Tensor) -> None:
+            stats.update(self._entropy_stats(batch, old_logp, entropy, irrelevant))
+            if publish_to and self.rank == 0:
+                self._publish(publish_to, step, stats)
+
+        if M == 1 and self.cfg.fuse_scoring and not _has_dropout(self.model):
+            # On-policy: the behaviour policy is the current one, so its log-probs and entropy
+            # come from the training forward (detached); the controller hears the entropy before
+            # the optimizer step, exactly as with a separate scoring pass.
+            self.model.train()
+            totals = self._train_minibatch(batch, None, observe)
+        else:
+            self.model.eval()  # dropout-free scoring of the behaviour policy at T=1
+            old_logp, entropy, irrelevant = self._score(batch)
+            observe(old_logp, entropy, irrelevant)
+            self.model.train()
+            per = len(batch) // M
+            totals = {}
+            for k in range(M):
+                rows = slice(k * per, (k + 1) * per)
+                step_stats = self._train_minibatch(batch.select(rows), old_logp[rows])
+                for key, v in step_stats.items():
+                    totals[key] = totals.get(key, 0.0) + v
         elapsed = time.perf_counter() - t0
         stats.update(_finish_stats(totals, M, elapsed))
         return stats
@@ -252,8 +277,12 @@ class LearnerWorker:
             controller.observe.remote(step, stats["entropy_sampled_grpo"], "sampled"),
         ])
 
-    def _entropy_stats(self, batch: TrainBatch, old_logp: torch.Tensor, entropy: torch.Tensor) -> dict[str, float]:
-        """Exact token-mean entropy at T=1 of GRPO rows and of regularizer rows; sampled estimates."""
+    def _entropy_stats(
+        self, batch: TrainBatch, old_logp: torch.Tensor, entropy: torch.Tensor, irrelevant: torch.Tensor
+    ) -> dict[str, Any]:
+        """Exact token-mean entropy at T=1 of GRPO rows and of regularizer rows; sampled estimates;
+        and where the GRPO rows' entropy lives (`token_entropy`, `entropy_by_position`)."""
+        ea = self.cfg.entropy_analysis
         mask = batch.response_mask[:, 1:]
         reg = batch.is_regularizer.unsqueeze(1).to(mask.dtype)
         grpo_mask, reg_mask = mask * (1 - reg), mask * reg
@@ -262,24 +291,48 @@ class LearnerWorker:
             (entropy * reg_mask).sum(), reg_mask.sum(),
             alg.sampled_entropy_estimate(old_logp, grpo_mask) * grpo_mask.sum(),
             alg.sampled_entropy_estimate(old_logp, mask) * mask.sum(), mask.sum(),
-        ]).double()
-        sums = self._all_reduce(sums).tolist()
+            (irrelevant * grpo_mask).sum(),
+        ]).double().cpu()
+        fork = alg.forking_split(entropy, grpo_mask, ea.forking_share, max_entropy=math.log(self.vocab_size))
+        prof = alg.position_profile(entropy, grpo_mask, ea.position_bucket, ea.position_buckets)
+        # one all-reduce for everything: the scalars, the histogram and the position profile
+        packed = self._all_reduce(torch.cat([sums, fork.flatten(), prof.flatten()]))
+        sums = packed[: len(sums)].tolist()
+        fork = packed[len(sums) : len(sums) + fork.numel()].reshape(fork.shape)
+        prof = packed[len(sums) + fork.numel() :].reshape(prof.shape)
+        n_grpo = max(sums[1], 1.0)
+        h = sums[0] / n_grpo
+        kinds = alg.forking_stats(fork, ea.forking_share)
+        token_entropy = {"forking": kinds["forking"], "nonforking": kinds["nonforking"]}
+        if self.irrelevant_ids:
+            token_entropy.update(irrelevant=sums[7] / n_grpo, content=(sums[0] - sums[7]) / n_grpo)
         return {
-            "entropy_exact_grpo": sums[0] / max(sums[1], 1.0),
+            "entropy_exact_grpo": h,
             "entropy_exact_reg": sums[2] / sums[3] if sums[3] > 0 else float("nan"),
-            "entropy_sampled_grpo": sums[4] / max(sums[1], 1.0),
+            "entropy_sampled_grpo": sums[4] / n_grpo,
             "entropy_sampled_batch": sums[5] / max(sums[6], 1.0),
             "grpo_tokens": sums[1],
             "reg_tokens": sums[3],
+            "token_entropy": token_entropy,
+            "entropy_irrelevant_share": sums[7] / sums[0] if self.irrelevant_ids and sums[0] > 0 else None,
+            "entropy_forking_share": kinds["forking_entropy_share"],
+            "entropy_by_position": [s / c if c > 0 else None for c, s in prof.T.tolist()],
         }
 
-    def _train_minibatch(self, batch: TrainBatch, old_logp: torch.Tensor) -> dict[str, float]:
-        """Gradient accumulation over micro-batches, then clip + AdamW step (skipped if no tokens)."""
+    def _train_minibatch(self, batch: TrainBatch, old_logp: torch.Tensor | None, observe=None) -> dict[str, float]:
+        """Gradient accumulation over micro-batches, then clip + AdamW step (skipped if no tokens).
+
+        `old_logp` None: on-policy, the behaviour log-probs are this forward's own (detached), and
+        `observe(old_logp, entropy, irrelevant)` gets them, full-batch, before the optimizer step.
+        """
         cfg, algo = self.cfg, self.algorithm
+        fused = old_logp is None
+        L = batch.tokens.shape[1]
+        seen: dict[str, list[torch.Tensor]] = {"logp": [], "ent": [], "irr": []}
         mask = batch.response_mask[:, 1:]
         count = alg.loss_token_count(algo, mask, batch.is_regularizer)
         normalizer = float(self._all_reduce(torch.tensor([count], dtype=torch.float64)).item())
-        if normalizer == 0:  # every rank sees the same global count, so all skip together
+        if normalizer == 0 and not fused:  # every rank sees the same global count, so all skip together
             return {"skipped_steps": 1.0}
         sums = dict.fromkeys(
             ("pg_loss", "reg_loss", "entropy_bonus", "clipped_tokens", "approx_kl_sum", "grpo_tokens", "tokens"), 0.0
@@ -294,8 +347,20 @@ class LearnerWorker:
             logp, ent = alg.token_logprobs_and_entropy(
                 logits[:, :-1], mb.tokens[:, 1:width], 1.0, cfg.entropy_chunk_size, alg.needs_entropy(algo)
             )
+            if fused:
+                behaviour = logp.detach()
+                with torch.no_grad():
+                    ent_obs = ent.detach() if ent is not None else alg.exact_entropy(
+                        logits[:, :-1].detach(), 1.0, cfg.entropy_chunk_size
+                    )
+                for key, val in (("logp", behaviour), ("ent", ent_obs), ("irr", self._irrelevant(logits[:, :-1]))):
+                    seen[key].append(torch.nn.functional.pad(val.float(), (0, L - width)))
+                if normalizer == 0:
+                    continue
+            else:
+                behaviour = old_logp[rows, : width - 1]
             loss, st = alg.policy_loss(
-                algo, logp=logp, old_logp=old_logp[rows, : width - 1], advantages=mb.advantages,
+                algo, logp=logp, old_logp=behaviour, advantages=mb.advantages,
                 mask=mb.response_mask[:, 1:width], is_regularizer=mb.is_regularizer,
                 normalizer=normalizer, entropy=ent, generator=self.generator,
             )
@@ -303,6 +368,11 @@ class LearnerWorker:
             for key in sums:
                 sums[key] += st.get(key, 0.0)
             sums["tokens"] += float(mb.attention_mask.sum())
+        if fused:
+            observe(*(torch.cat(seen[k]) for k in ("logp", "ent", "irr")))
+            if normalizer == 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                return {"skipped_steps": 1.0}
         grad_norm = _total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         if math.isfinite(grad_norm):
             self.optimizer.step()
@@ -385,6 +455,26 @@ def _decoder_layers(model) -> list[torch.nn.Module]:
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no model.layers to shard; only the root would be")
     return list(layers)
+
+
+def _token_ids(model_path: str, tokens: Sequence[str]) -> list[int]:
+    """Ids of single-token strings in the model's vocabulary; a string that is not one token is an error."""
+    if not tokens:
+        return []
+    from services.model import load_tokenizer
+
+    vocab = load_tokenizer(model_path).get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"entropy_analysis.irrelevant_tokens not in the vocabulary as single tokens: {missing}")
+    return sorted({int(vocab[t]) for t in tokens})
+
+
+def _has_dropout(model: torch.nn.Module) -> bool:
+    """Whether train mode would change the forward (then scoring needs its own eval-mode pass)."""
+    if float(getattr(getattr(model, "config", None), "attention_dropout", 0.0) or 0.0) > 0:
+        return True
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
 
 
 def _total_norm(norm: torch.Tensor) -> float:

@@ -45,7 +45,22 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("aepo_step_seconds", "gauge", "Wall seconds of the last step."),
     MetricSpec("aepo_phase_seconds", "gauge", "Wall seconds of each phase of the last step.", ("run_id", "phase")),
     MetricSpec("aepo_reward_failures_total", "counter", "Samples whose verification timed out or errored.", ("run_id", "outcome")),
-    MetricSpec("aepo_token_entropy", "gauge", "Mean entropy at T=1 by token kind (where the entropy lives).", ("run_id", "kind")),
+    MetricSpec(
+        "aepo_token_entropy", "gauge",
+        "Token-mean entropy at T=1 of the GRPO batch by kind: irrelevant + content = the mean (the reward-ignored "
+        "choice vs the rest); forking / nonforking = the top-20 % highest-entropy tokens vs the others.",
+        ("run_id", "kind"),
+    ),
+    MetricSpec(
+        "aepo_token_entropy_share", "gauge",
+        "Fraction of the GRPO batch's entropy on reward-irrelevant choices (kind=irrelevant) or on forking tokens (kind=forking).",
+        ("run_id", "kind"),
+    ),
+    MetricSpec(
+        "aepo_token_entropy_by_position", "gauge",
+        "Mean entropy at T=1 of GRPO response tokens by position bucket (0 = first response token).",
+        ("run_id", "position"),
+    ),
 )
 
 REWARD_SERVER_METRICS: tuple[str, ...] = (
@@ -126,7 +141,14 @@ class RunMetrics:
             if n:
                 self.inc("aepo_reward_failures_total", n, outcome=outcome)
         for kind, value in (row.get("token_entropy") or {}).items():
-            self.set("aepo_token_entropy", value, kind=kind)
+            if value is not None:
+                self.set("aepo_token_entropy", value, kind=kind)
+        for kind in ("irrelevant", "forking"):
+            if row.get(f"entropy_{kind}_share") is not None:
+                self.set("aepo_token_entropy_share", row[f"entropy_{kind}_share"], kind=kind)
+        for pos, value in enumerate(row.get("entropy_by_position") or []):
+            if value is not None:
+                self.set("aepo_token_entropy_by_position", value, position=str(pos))
         for key, value in row.items():
             if key.startswith("eval_avg@"):
                 self.set("aepo_eval_avg_at_k", value, k=key.split("@")[1])

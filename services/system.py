@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from services.config import AEPOConfig, TrainConfig
+from services.config import AEPOConfig, TrainConfig, learner_config
 from services.data import PromptItem
 from services.driver import Components, Rollout
 
@@ -246,7 +246,7 @@ class System:
         cfg = self.cfg
         self.controller_handle = start_controller(cfg.algorithm, cfg.controller, cfg.run_name)
         self.controller = ControllerAdapter(self.controller_handle)
-        self.learners = LearnerGroup(self.model_path, cfg.learner, cfg.algorithm, seed=cfg.trainer.seed)
+        self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed)
         self.pool = RolloutPool(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
         self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template)
 

@@ -96,25 +96,36 @@ class HFEngine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         pos = pos[:, -1:]
-        done = torch.zeros(len(reqs), dtype=torch.bool, device=dev)
-        stopped = torch.zeros_like(done)
-        steps: list[torch.Tensor] = []
+        rows = len(reqs)
+        tokens = torch.full((rows, int(limits.max())), self.pad_id, dtype=torch.long, device=dev)
+        stopped = torch.zeros(rows, dtype=torch.bool, device=dev)
+        # `live` maps the rows still in the batch to their original index; finished rows leave the
+        # batch (and the KV cache) once enough of them have piled up, so the tail of a step is not
+        # spent decoding padding for rows that already hit <eos>.
+        live = torch.arange(rows, device=dev)
+        done = torch.zeros(rows, dtype=torch.bool, device=dev)
         for t in range(int(limits.max())):
             nxt = sample_next_tokens(logits, temps, top_p, gen)
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            steps.append(nxt)
+            tokens[live, t] = nxt
             hit_eos = torch.isin(nxt, eos) & ~done
-            stopped |= hit_eos
+            stopped[live] |= hit_eos
             done |= hit_eos | (limits <= t + 1)
             if bool(done.all()):
                 break
+            finished = int(done.sum())
+            if finished and finished * 16 >= len(done):  # compact: drop the finished rows
+                keep = (~done).nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                live, done, nxt = live[keep], done[keep], nxt[keep]
+                temps, top_p, limits, mask, pos = temps[keep], top_p[keep], limits[keep], mask[keep], pos[keep]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             pos = pos + 1
             out = self.model(
                 input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True
             )
             cache, logits = out.past_key_values, out.logits[:, -1]
-        return _collect(torch.stack(steps, dim=1).tolist(), stopped.tolist(), self.eos_ids, reqs)
+        return _collect(tokens.tolist(), stopped.tolist(), self.eos_ids, reqs)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF-named state dict into the model (dtype and device converted on the way)."""

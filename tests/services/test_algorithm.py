@@ -400,3 +400,41 @@ def test_pass_at_1_is_the_success_rate_and_bad_arguments_raise():
 
 def test_avg_at_k_is_mean_correctness():
     assert A.avg_at_k(torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])) == pytest.approx(0.75)
+
+
+# ----------------------------------------------------------------------------- where the entropy lives
+
+
+def test_entropy_split_by_hand():
+    """p = (1/2, 1/4, 1/4), S = {token 0}: H = 1.5 bits; the S-vs-rest choice is 1 bit and the
+    rest's own choice 1/2 * 1 bit (in nats: times ln 2)."""
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25]]]))
+    irr, con = A.entropy_split(logits, [0])
+    assert float(irr) == pytest.approx(math.log(2), rel=1e-6)
+    assert float(con) == pytest.approx(0.5 * math.log(2), rel=1e-6)
+    irr, con = A.entropy_split(logits, [])  # nothing is irrelevant
+    assert float(irr) == pytest.approx(0.0, abs=1e-7) and float(con) == pytest.approx(1.5 * math.log(2), rel=1e-6)
+    irr, con = A.entropy_split(logits, [1, 2])  # choosing among S is irrelevant too: all of H
+    assert float(con) == pytest.approx(0.0, abs=1e-7) and float(irr) == pytest.approx(1.5 * math.log(2), rel=1e-6)
+
+
+def test_forking_stats_by_hand():
+    """Entropies 0.1, 0.2, ..., 1.0 (10 tokens): the top 20 % are 0.9 and 1.0."""
+    ent = torch.arange(1, 11, dtype=torch.float64).reshape(2, 5) / 10
+    mask = torch.ones(2, 5)
+    mask_pad = torch.cat([mask, torch.zeros(2, 1)], 1)
+    ent_pad = torch.cat([ent, torch.full((2, 1), 5.0, dtype=torch.float64)], 1)  # padding must not count
+    st = A.forking_stats(A.forking_split(ent_pad, mask_pad, max_entropy=math.log(23)), 0.2)
+    assert st["forking_token_share"] == pytest.approx(0.2)
+    assert st["forking"] == pytest.approx(0.95) and st["nonforking"] == pytest.approx(0.45)
+    assert st["forking_entropy_share"] == pytest.approx(1.9 / 5.5)
+    # histograms from two "ranks" add up to the whole batch's
+    h = A.forking_split(ent[:1], mask[:1], max_entropy=math.log(23)) + A.forking_split(ent[1:], mask[1:], max_entropy=math.log(23))
+    assert A.forking_stats(h, 0.2)["forking"] == pytest.approx(0.95)
+
+
+def test_position_profile_by_hand():
+    ent = torch.tensor([[9.0, 1.0, 2.0, 3.0], [9.0, 9.0, 4.0, 0.0]])
+    mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0]])  # response positions 0,1,2 and 0
+    prof = A.position_profile(ent, mask, bucket=2, buckets=2)
+    assert prof[0].tolist() == [3.0, 1.0] and prof[1].tolist() == [7.0, 3.0]

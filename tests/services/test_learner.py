@@ -178,3 +178,73 @@ def test_every_loss_variant_takes_a_finite_step_on_one_in_process_rank(tiny_mode
         assert stats["entropy_bonus"] == pytest.approx(algo.beta * stats["entropy_exact_grpo"], rel=1e-4)
     if isinstance(algo, AEPOConfig):
         assert stats["reg_loss"] != 0 and stats["reg_tokens"] > 0
+
+
+def _one_rank_update(path, cfg, algo, batch):
+    worker = LearnerWorker(0, 1, path, cfg, algo, seed=0)
+    worker.setup("127.0.0.1", free_port())
+    try:
+        stats = worker.update(batch)
+        weights = {k: v.clone() for k, v in worker.full_state_dict().items()}
+    finally:
+        worker.shutdown()
+    return stats, weights
+
+
+def test_fused_scoring_equals_a_separate_scoring_pass(tiny_model_path):
+    """One mini-batch: old log-probs and entropy from the training forward give the same update and
+    the same entropy statistics as the eval-mode scoring pass they replace."""
+    batch = make_batch(rows=8, n_reg=2, seed=4)
+    base = dict(num_workers=1, cpus_per_worker=2, micro_batch_size=3, mini_batches=1)
+    algo = AEPOConfig(mode="replace", coef=1.0)
+    fused, w_fused = _one_rank_update(tiny_model_path, LearnerConfig(**base, fuse_scoring=True), algo, batch)
+    plain, w_plain = _one_rank_update(tiny_model_path, LearnerConfig(**base, fuse_scoring=False), algo, batch)
+    assert max_abs_diff(w_fused, w_plain) < 1e-6
+    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
+        assert fused[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    assert fused["token_entropy"] == pytest.approx(plain["token_entropy"], rel=1e-5)
+
+
+def test_entropy_decomposition_adds_up_to_the_mean(tiny_model_path):
+    """irrelevant + content = the GRPO token-mean entropy; forking tokens carry more than their
+    share; the position profile's token-weighted mean is the mean again."""
+    batch = make_batch(rows=8, n_reg=2, seed=5)
+    cfg = LearnerConfig(num_workers=1, cpus_per_worker=2, micro_batch_size=4,
+                        entropy_analysis={"irrelevant_tokens": [" "], "position_bucket": 2, "position_buckets": 4})
+    stats, _ = _one_rank_update(tiny_model_path, cfg, AEPOConfig(mode="replace"), batch)
+    te, h = stats["token_entropy"], stats["entropy_exact_grpo"]
+    assert te["irrelevant"] > 0 and te["content"] > 0
+    assert te["irrelevant"] + te["content"] == pytest.approx(h, rel=1e-6)
+    assert stats["entropy_irrelevant_share"] == pytest.approx(te["irrelevant"] / h, rel=1e-6)
+    assert te["forking"] > h > te["nonforking"] and stats["entropy_forking_share"] > 0.2
+    # rows 2..7 are GRPO rows; their response positions, bucketed by 2 into 4 buckets
+    mask = batch.response_mask[2:, 1:]
+    pos = (mask.cumsum(-1) - 1)[mask > 0]
+    counts = torch.bincount((pos.long() // 2).clamp(max=3), minlength=4).double()
+    prof = torch.tensor([v if v is not None else 0.0 for v in stats["entropy_by_position"]], dtype=torch.float64)
+    assert len(prof) == 4 and float((prof * counts).sum() / counts.sum()) == pytest.approx(h, rel=1e-6)
+
+
+def test_an_unknown_irrelevant_token_is_a_clear_error(tiny_model_path):
+    cfg = LearnerConfig(num_workers=1, cpus_per_worker=2, entropy_analysis={"irrelevant_tokens": ["<nope>"]})
+    worker = LearnerWorker(0, 1, tiny_model_path, cfg, GRPOConfig(), seed=0)
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        worker.setup("127.0.0.1", free_port())
+    worker.shutdown()
+
+
+def test_two_fsdp_learners_with_fused_scoring_match_the_single_process_update(ray_local, tiny_model_path):
+    """The on-policy path (one mini-batch: no separate scoring pass) across 2 ranks, micro-batches of 2."""
+    cfg = CFG.model_copy(update={"mini_batches": 1})
+    batch = make_batch(seed=6)
+    want, want_entropy = reference_update(tiny_model_path, cfg, ALGO, batch)
+    g = LearnerGroup(tiny_model_path, cfg, ALGO, seed=0)
+    try:
+        stats = g.update(batch)
+        got = g.get_full_state_dict()
+    finally:
+        g.shutdown()
+    assert max_abs_diff(got, want) < 1e-5
+    for key, value in want_entropy.items():
+        assert stats[key] == pytest.approx(value, abs=1e-5), key
+    assert stats["optimizer_steps"] == 1
