@@ -123,7 +123,13 @@ class ControllerCore:
             raise ValueError(f"algorithm {self.algorithm.type!r} has no regularizer to plan")
         seen = self._state["last"].get(self.config.entropy_source)
         entropy = seen["entropy"] if seen is not None else None
-        p = decide(entropy, step, self.algorithm.target, self.algorithm.rule)
+        # the PI rule's integral: planning the same step again (a retried step, a resumed run)
+        # starts from the integral before that step, so it is never counted twice
+        pi = self._state.get("pi") or {"step": -1, "before": 0.0, "after": 0.0}
+        before = pi["before"] if pi["step"] == step else pi["after"]
+        p = decide(entropy, step, self.algorithm.target, self.algorithm.rule, integral=before)
+        if p.integral is not None:
+            self._state["pi"] = {"step": int(step), "before": before, "after": p.integral}
         entry = {"step": int(step), "entropy": entropy, **p.to_dict()}
         log = [e for e in self._state["log"] if e["step"] != step] + [entry]
         self._state["log"] = log[-self.log_tail :]
@@ -146,7 +152,7 @@ class ControllerCore:
         if state.get("run_id") != self.run_id:
             raise ValueError(f"checkpointed controller state belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
         self._state = {k: json.loads(json.dumps(state.get(k, default))) for k, default in
-                       (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}))}
+                       (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}), ("pi", None))}
         self.store.save(self._state)
 
     # ------------------------------------------------------------------ inspection

@@ -122,7 +122,31 @@ class BangBangRule(_Strict):
     m_down: int = Field(30, ge=0, description="Most regularizer positives kept when lowering entropy.")
 
 
-ControllerRule = Annotated[Union[Annotated[BangBangRule, Tag("bang_bang")]], _type_or("bang_bang")]
+class PIRule(_Strict):
+    """Beyond the paper: a PI law on the regularizer's signed strength u (anti-windup, bounded).
+
+    e = H* − H (nats). The integral I accumulates e each step (clamped so that |ki·I| <= u_max,
+    and frozen while the output is saturated in the direction e pushes: conditional integration).
+    u = kp·e + ki·I, clamped to [−u_max, u_max]. u >= 0 draws the regularizer hot (T_up, m_up),
+    u < 0 cold (T_down, m_down); the selected positives' advantage is |u| instead of 1, so |u|
+    scales the REINFORCE term continuously (the paper's rule is u = ±1 always). The integral
+    finds the steady strength that balances GRPO's own pull on entropy, which no fixed m or T
+    knows in advance.
+    """
+
+    type: Literal["pi"] = "pi"
+    temperature_up: float = Field(1.2, gt=0.0, le=2.0, description="Regularizer temperature when u >= 0.")
+    temperature_down: float = Field(0.8, gt=0.0, le=2.0, description="Regularizer temperature when u < 0.")
+    m_up: int = Field(64, ge=0, description="Most regularizer positives kept when raising entropy.")
+    m_down: int = Field(32, ge=0, description="Most regularizer positives kept when lowering entropy.")
+    kp: float = Field(10.0, ge=0.0, description="Proportional gain, strength per nat of error.")
+    ki: float = Field(1.0, ge=0.0, description="Integral gain, strength per nat·step of accumulated error.")
+    u_max: float = Field(4.0, gt=0.0, description="Bound on |u|, the regularizer's advantage weight.")
+
+
+ControllerRule = Annotated[
+    Union[Annotated[BangBangRule, Tag("bang_bang")], Annotated[PIRule, Tag("pi")]], _type_or("bang_bang")
+]
 
 
 @dataclass(frozen=True)
@@ -134,22 +158,53 @@ class Plan:
     target: float
     direction: Literal["up", "down"]
     reason: str
+    weight: float = 1.0  # the selected positives' advantage (1 = the paper's REINFORCE term)
+    integral: float | None = None  # the PI rule's integral after this step (None for bang-bang)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def plan(entropy: float | None, step: int, schedule: TargetSchedule, rule: ControllerRule) -> Plan:
-    """Decide the regularizer's temperature and size from the last observed entropy.
+def plan(
+    entropy: float | None, step: int, schedule: TargetSchedule, rule: ControllerRule, integral: float = 0.0
+) -> Plan:
+    """Decide the regularizer's temperature, size and weight from the last observed entropy.
 
     `entropy` is None before the learners have published one; the reference code starts
-    from entropy 0 and so goes up first, and so do we.
+    from entropy 0 and so goes up first, and so do we. `integral` is the PI rule's integral
+    before this step (ignored by bang-bang); the returned plan carries the updated one.
     """
     target = target_at(schedule, step)
+    if entropy is not None and not math.isfinite(entropy):
+        raise ValueError(f"observed entropy must be finite, got {entropy}")
+    if isinstance(rule, PIRule):
+        return _pi_plan(entropy, target, rule, integral)
     if entropy is None:
         return Plan(rule.temperature_up, rule.m_up, target, "up", "no entropy observed yet: raise (as the reference)")
-    if not math.isfinite(entropy):
-        raise ValueError(f"observed entropy must be finite, got {entropy}")
     if entropy <= target:
         return Plan(rule.temperature_up, rule.m_up, target, "up", f"H={entropy:.4f} <= H*={target:.4f}")
     return Plan(rule.temperature_down, rule.m_down, target, "down", f"H={entropy:.4f} > H*={target:.4f}")
+
+
+def pi_step(error: float, integral: float, rule: PIRule) -> tuple[float, float]:
+    """One PI update: (u, new integral) from the tracking error e = H* − H and the old integral."""
+    i_max = rule.u_max / rule.ki if rule.ki > 0 else 0.0
+    candidate = min(max(integral + error, -i_max), i_max)
+    raw = rule.kp * error + rule.ki * candidate
+    # conditional integration: while the output is saturated and the error pushes further into
+    # saturation, the integral holds still (it would only have to unwind later: windup)
+    if abs(raw) > rule.u_max and error * raw > 0:
+        candidate = integral
+        raw = rule.kp * error + rule.ki * candidate
+    return min(max(raw, -rule.u_max), rule.u_max), candidate
+
+
+def _pi_plan(entropy: float | None, target: float, rule: PIRule, integral: float) -> Plan:
+    if entropy is None:
+        u, new_i, why = rule.ki * integral, integral, "no entropy observed yet: hold the integral"
+    else:
+        u, new_i = pi_step(target - entropy, integral, rule)
+        why = f"H={entropy:.4f}, H*={target:.4f}: u={u:+.3f} (P {rule.kp * (target - entropy):+.3f}, I {rule.ki * new_i:+.3f})"
+    if u >= 0:
+        return Plan(rule.temperature_up, rule.m_up, target, "up", why, weight=u, integral=new_i)
+    return Plan(rule.temperature_down, rule.m_down, target, "down", why, weight=-u, integral=new_i)

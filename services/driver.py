@@ -145,9 +145,12 @@ def update_batch(rows: list[Rollout], advantages: list[float], is_reg: list[bool
 
 
 def assemble(
-    cfg: TrainConfig, grpo: list[Rollout], reg: list[Rollout], reg_m: int
+    cfg: TrainConfig, grpo: list[Rollout], reg: list[Rollout], reg_m: int, reg_weight: float = 1.0
 ) -> tuple[dict, dict]:
-    """Step 5: advantages, regularizer selection and the update batch's layout."""
+    """Step 5: advantages, regularizer selection and the update batch's layout.
+
+    `reg_weight` scales the selected regularizer rows' advantages (the controller's plan: 1 for
+    the paper's rule, the PI rule's |u| otherwise)."""
     G = cfg.rollout.group_size
     alg = cfg.algorithm
     adv = A.group_advantages(torch.tensor([s.reward for s in grpo], dtype=torch.float64), G)
@@ -159,7 +162,7 @@ def assemble(
     idx, sel_adv = A.select_regularizer(reg_rewards, reg_adv, reg_m, alg.adv_threshold, signed=A.is_signed_regularizer(alg))
     keep = A.grpo_rows_kept(len(grpo), idx.numel(), alg.mode)
     rows = [reg[i] for i in idx.tolist()] + [grpo[i] for i in keep]
-    advs = sel_adv.tolist() + [float(adv[i]) for i in keep]
+    advs = (sel_adv * reg_weight).tolist() + [float(adv[i]) for i in keep]
     flags = [True] * idx.numel() + [False] * len(keep)
     info["reg_selected"] = int(idx.numel())
     info["reg_positives_available"] = int(((reg_rewards >= 1.0) & (reg_adv > alg.adv_threshold)).sum())
@@ -236,7 +239,7 @@ class Trainer:
         timings["reward"] = time.monotonic() - t
 
         t = time.monotonic()  # 5
-        batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)))
+        batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)), float(plan.get("weight", 1.0)))
         if plan:
             parts.controller.record_selection(step, sel["reg_selected"])
         timings["controller"] = time.monotonic() - t
@@ -265,6 +268,7 @@ class Trainer:
             "reg_temperature": plan.get("temperature"),
             "reg_m": plan.get("m"),
             "reg_direction": plan.get("direction"),
+            "reg_weight": plan.get("weight"),
             **sel,
             "reward_mean": reward_grpo,
             "reward_mean_grpo": reward_grpo,

@@ -134,3 +134,23 @@ def test_a_checkpointed_state_restores_into_a_fresh_in_memory_controller():
     assert b.plan(5) == a.plan(5) and b.state()["last"] == a.state()["last"]
     with pytest.raises(ValueError, match="belongs to run"):
         ControllerCore(AEPO, ControllerConfig(), "other").restore(a.state())
+
+
+def test_the_pi_integral_is_counted_once_per_step_and_survives_a_restart():
+    from controller.rule import PIRule
+
+    algo = AEPOConfig(target=ConstantTarget(value=0.35), rule=PIRule(kp=10.0, ki=1.0, u_max=4.0))
+    store = MemoryStore()
+    core = ControllerCore(algo, ControllerConfig(), "run", store=store)
+    core.observe(0, 0.30, "exact")
+    first = core.plan(1)
+    assert first["integral"] == pytest.approx(0.05) and first["weight"] == pytest.approx(0.55)
+    assert core.plan(1)["integral"] == pytest.approx(0.05)  # a retried step: not integrated twice
+    core.observe(1, 0.25, "exact")
+    again = ControllerCore(algo, ControllerConfig(), "run", store=store)  # a restarted controller
+    second = again.plan(2)
+    assert second["integral"] == pytest.approx(0.15)  # 0.05 + 0.10
+    assert second["weight"] == pytest.approx(10 * 0.10 + 0.15)
+    fresh = ControllerCore(algo, ControllerConfig(), "run")
+    fresh.restore(again.state())  # the checkpoint path
+    assert fresh.plan(3)["integral"] == pytest.approx(0.25)
