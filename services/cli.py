@@ -48,12 +48,26 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="experiment spec (YAML), e.g. deploy/experiments/toy_claims.yaml")
+    p.add_argument("--report-only", action="store_true", help="write the report from the runs already there")
+    p.add_argument("--dry-run", action="store_true", help="list the runs (and which are done), run nothing")
+    p.add_argument("--parallel", type=int, help="runs at once (overrides the spec)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 COMMANDS: list[Command] = [
     Command(
         "train",
         "run an RL job (GRPO, AEPO or a baseline) from a YAML config; writes metrics, summary, plot, checkpoints",
         "services.train:main",
         _train_args,
+    ),
+    Command(
+        "experiment",
+        "run a grid of short runs (algorithms x targets x seeds) on the toy and write a report folder",
+        "services.experiment:main",
+        _experiment_args,
     ),
     Command(
         "demo",

@@ -167,6 +167,10 @@ class ModelConfig(_Strict):
     )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the embedded tiny model.")
     chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template.")
+    init_seed: int | None = Field(
+        None, description="Seed of the tiny model's random init (and so of its warm start); None = trainer.seed. "
+        "Fix it to compare RL seeds from one base model."
+    )
 
 
 class CountdownDataConfig(_Strict):
@@ -294,12 +298,16 @@ class ControllerConfig(_Strict):
 
 
 class TrainerConfig(_Strict):
-    steps: int = Field(150, ge=1, description="RL steps.")
+    steps: int = Field(150, ge=0, description="RL steps (0 = evaluate the initial model only).")
     prompts_per_step: int = Field(32, ge=1, description="B: prompts per step (the GRPO batch is B × G).")
     eval_every: int = Field(50, ge=0, description="Eval every K steps (0 = only at the end).")
     eval_samples: int = Field(8, ge=1, description="Samples per held-out prompt for avg@k / pass@k.")
     eval_prompts: int | None = Field(None, ge=1, description="Held-out prompts used per eval (None = all).")
     eval_temperature: float = Field(0.6, gt=0.0, le=2.0, description="Temperature of avg@k (pass@k is always at T=1).")
+    final_eval_samples: int | None = Field(
+        None, ge=1, description="Samples per prompt at the last eval (pass@k up to this k); None = eval_samples."
+    )
+    final_eval_prompts: int | None = Field(None, ge=1, description="Held-out prompts at the last eval; None = eval_prompts.")
     save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
     seed: int = Field(0, description="Seed for data order, sampling and init.")
     output_dir: str = Field("runs/default", description="Where metrics.jsonl, summary.json, plots and checkpoints go.")

@@ -333,9 +333,11 @@ class Trainer:
         tc = self.cfg.trainer
         if not self.eval_items:
             return {}
-        items = self.eval_items[: tc.eval_prompts] if tc.eval_prompts else self.eval_items
+        final = after_steps == tc.steps
+        n_prompts = (tc.final_eval_prompts or tc.eval_prompts) if final else tc.eval_prompts
+        items = self.eval_items[:n_prompts] if n_prompts else self.eval_items
         prompts = self._encoded(items)
-        n = tc.eval_samples
+        n = (tc.final_eval_samples or tc.eval_samples) if final else tc.eval_samples
         out: dict[str, float] = {}
         for temp, tag in ((tc.eval_temperature, "low"), (1.0, "t1")):
             samples = self.parts.rollout.generate(prompts, n, temp, step_seed(tc.seed, after_steps, 3 if tag == "low" else 4))

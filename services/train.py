@@ -24,6 +24,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="overrides trainer.steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--verbose", action="store_true", help="show the Ray actors' logs")
+    p.add_argument(
+        "--backend", choices=["ray", "local"], default="ray",
+        help="ray (default): the Ray system (actors, Serve reward server, FSDP learner group); local: the same "
+        "driver, learner, engine, verifier and controller code in this process (one learner rank, no transport)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads of the local backend (default: rollout.torch_threads)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,10 +49,18 @@ def main(args: argparse.Namespace) -> int:
 
     from services.system import System, init_ray
 
-    init_ray(quiet=not args.verbose)
+    backend = getattr(args, "backend", "ray")
+    if backend == "ray":
+        init_ray(quiet=not args.verbose)
     model_path, warm = prepare_model(cfg, progress=not args.no_progress)
     runs = {}
-    with System(cfg, model_path, quiet=not args.verbose) as system:
+    if backend == "local":
+        from services.local import LocalSystem
+
+        make_system = lambda: LocalSystem(cfg, model_path, threads=getattr(args, "threads", None))  # noqa: E731
+    else:
+        make_system = lambda: System(cfg, model_path, quiet=not args.verbose)  # noqa: E731
+    with make_system() as system:
         runs[cfg.algorithm.type] = run_one(cfg, system, out, args.resume, not args.no_progress)
         if args.compare:
             base = cfg.model_copy(update={
@@ -65,7 +79,7 @@ def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
     from services.config import CountdownDataConfig
     from services.model import default_cache_dir, resolve_model_path
 
-    path = resolve_model_path(cfg.model, seed=cfg.trainer.seed)
+    path = resolve_model_path(cfg.model, seed=cfg.trainer.seed if cfg.model.init_seed is None else cfg.model.init_seed)
     if cfg.model.path is not None or not isinstance(cfg.data, CountdownDataConfig) or cfg.warm_start.steps == 0:
         return path, {}
     from services.warmstart import warm_start
@@ -124,6 +138,9 @@ def trajectory_table(runs: dict) -> str:
         err = sm.get("mean_abs_entropy_error_second_half")
         before, after = sm.get("eval_before", {}), sm.get("eval_after", {})
         acc = next((k for k in after if k.startswith("eval_avg@")), None)
+        if sm.get("entropy_first") is None:  # a 0-step run: evaluation only
+            lines.append(f"{n}: no RL steps" + (f", held-out {acc} {after[acc]:.3f}" if acc else ""))
+            continue
         lines.append(
             f"{n}: entropy {sm.get('entropy_first'):.3f} -> {sm.get('entropy_last'):.3f}"
             + (f", mean |H-H*| 2nd half {err:.3f}" if err is not None else "")

@@ -109,7 +109,7 @@ def warm_start(
 ) -> Path:
     """Fine-tune `base_path` on the Countdown toy with Ray Train; return the warm model's path.
 
-    Reuses an earlier result with the same hash. Needs an initialised Ray (the caller's).
+    Reuses an earlier result with the same hash. Joins the caller's Ray cluster, or starts a local one.
     `progress(step, total, loss)` is called as reports arrive (for a progress bar).
     """
     base_path = Path(base_path)
@@ -121,6 +121,9 @@ def warm_start(
         return out_dir
     if cfg.steps == 0:
         return base_path
+    from services.system import init_ray
+
+    init_ray()  # no-op when the caller already joined or started a cluster
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
