@@ -125,6 +125,11 @@ class BangBangRule(_Strict):
 class PIRule(_Strict):
     """Beyond the paper: a PI law on the regularizer's signed strength u (anti-windup, bounded).
 
+    With `actuator: temperature` u is instead log T of the regularizer batch: the rule draws it at
+    T = e^u (hot when u > 0), every positive with advantage 1, and the integral finds the
+    temperature whose positives balance GRPO's pull.
+
+
     e = H* − H (nats). The integral I accumulates e each step (clamped so that |ki·I| <= u_max,
     and frozen while the output is saturated in the direction e pushes: conditional integration).
     u = kp·e + ki·I, clamped to [−u_max, u_max]. u >= 0 draws the regularizer hot (T_up, m_up),
@@ -139,9 +144,14 @@ class PIRule(_Strict):
     temperature_down: float = Field(0.8, gt=0.0, le=2.0, description="Regularizer temperature when u < 0.")
     m_up: int = Field(64, ge=0, description="Most regularizer positives kept when raising entropy.")
     m_down: int = Field(32, ge=0, description="Most regularizer positives kept when lowering entropy.")
-    kp: float = Field(10.0, ge=0.0, description="Proportional gain, strength per nat of error.")
-    ki: float = Field(1.0, ge=0.0, description="Integral gain, strength per nat·step of accumulated error.")
-    u_max: float = Field(4.0, gt=0.0, description="Bound on |u|, the regularizer's advantage weight.")
+    actuator: Literal["weight", "temperature"] = Field(
+        "weight",
+        description="weight: u is the positives' advantage weight (sign picks T_up/T_down); temperature: u is "
+        "log T of the regularizer batch (T = e^u, weight 1), so the temperature itself moves continuously.",
+    )
+    kp: float = Field(10.0, ge=0.0, description="Proportional gain, u per nat of error.")
+    ki: float = Field(1.0, ge=0.0, description="Integral gain, u per nat·step of accumulated error.")
+    u_max: float = Field(4.0, gt=0.0, description="Bound on |u| (weight; or log T, e.g. 0.69 = T in [0.5, 2]).")
 
 
 ControllerRule = Annotated[
@@ -205,6 +215,10 @@ def _pi_plan(entropy: float | None, target: float, rule: PIRule, integral: float
     else:
         u, new_i = pi_step(target - entropy, integral, rule)
         why = f"H={entropy:.4f}, H*={target:.4f}: u={u:+.3f} (P {rule.kp * (target - entropy):+.3f}, I {rule.ki * new_i:+.3f})"
+    if rule.actuator == "temperature":
+        temperature = round(math.exp(u), 6)
+        m = rule.m_up if u >= 0 else rule.m_down
+        return Plan(temperature, m, target, "up" if u >= 0 else "down", why + f", T={temperature:.3f}", integral=new_i)
     if u >= 0:
         return Plan(rule.temperature_up, rule.m_up, target, "up", why, weight=u, integral=new_i)
     return Plan(rule.temperature_down, rule.m_down, target, "down", why, weight=-u, integral=new_i)

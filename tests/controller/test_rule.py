@@ -155,3 +155,12 @@ def test_pi_rule_parses_from_yaml_shaped_dicts():
     assert isinstance(rule, PIRule) and rule.kp == 3 and rule.u_max == 2
     with pytest.raises(ValidationError):
         TypeAdapter(AEPOConfig).validate_python({"rule": {"type": "pi", "u_max": 0}})
+
+
+def test_pi_on_the_temperature_draws_at_e_to_the_u_with_weight_one():
+    rule = PIRule(actuator="temperature", kp=4.0, ki=0.4, u_max=0.69)
+    p = plan(0.50, 3, ConstantTarget(value=0.60), rule, integral=0.0)
+    # e = 0.1: I = 0.1, u = 0.4 + 0.04 = 0.44 -> T = e^0.44
+    assert p.temperature == pytest.approx(math.exp(0.44), rel=1e-5) and p.weight == 1.0 and p.direction == "up"
+    p = plan(0.90, 3, ConstantTarget(value=0.30), rule, integral=0.0)
+    assert p.temperature == pytest.approx(math.exp(-0.69), rel=1e-5) and p.direction == "down"  # saturated
