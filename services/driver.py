@@ -192,6 +192,7 @@ class Trainer:
     eval_items: list[PromptItem]
     output_dir: Path
     progress: bool = True
+    progress_position: int = 0  # tqdm line (two runs side by side: --compare)
     policy_version: int = 0
     step: int = 0
     _prompt_ids: dict[str, list[int]] = field(default_factory=dict)
@@ -410,7 +411,7 @@ class Trainer:
             before = self.evaluate(0)
         else:
             before = None
-        bar = _progress(self.cfg.trainer.steps, self.step, self.cfg.run_name, enabled=self.progress)
+        bar = _progress(self.cfg.trainer.steps, self.step, self.cfg.run_name, self.progress, self.progress_position)
         try:
             while self.step < self.cfg.trainer.steps:
                 row = self.train_step()
@@ -432,12 +433,12 @@ class Trainer:
         return summary
 
 
-def _progress(total: int, start: int, name: str, enabled: bool):
+def _progress(total: int, start: int, name: str, enabled: bool, position: int = 0):
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True, position=position)
 
 
 def _postfix(row: dict) -> str:

@@ -58,6 +58,9 @@ class RunGroup(_Strict):
 class ExperimentSpec(_Strict):
     name: str
     base_config: str = Field(description="Run config every run starts from (path relative to the repository root).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Merged into the base config (nested keys), e.g. to pin the warm start."
+    )
     output_dir: str = Field(description="Report folder; runs go under <output_dir>/runs.")
     steps: int = Field(100, ge=1, description="RL steps per run.")
     seeds: list[int] = Field(default_factory=lambda: [0, 1])
@@ -112,7 +115,7 @@ def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: 
     """The run config of one (group, target, seed), validated; its digest names its directory."""
     from services.config import TrainConfig, load_config
 
-    base = load_config(spec.base_config).model_dump(mode="json")
+    base = _merge(load_config(spec.base_config).model_dump(mode="json"), spec.overrides)
     algo = dict(group.algorithm) or dict(base["algorithm"])
     if target is not None:
         algo["target"] = {"type": "constant", "value": float(target)}
@@ -133,6 +136,13 @@ def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: 
     cfg["run_name"] = f"{group.name}{t}-s{seed}"
     cfg["trainer"]["output_dir"] = str(root / "runs" / f"{group.name}{t}-s{seed}-{digest}")
     return Job(group, target, seed, cfg, digest)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def expand(spec: ExperimentSpec, root: Path, best_target: float | None = None) -> list[Job]:

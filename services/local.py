@@ -19,8 +19,7 @@ import socket
 from typing import Any
 
 from services.config import AEPOConfig, TrainConfig, learner_config
-from services.driver import Components
-from services.system import RolloutAdapter, TokenizerAdapter
+from services.system import PolicySystem, TokenizerAdapter, driver_stats
 
 log = logging.getLogger("aepo")
 
@@ -85,12 +84,7 @@ class LocalLearner:
         stats = self.worker.update(TrainBatch.from_dict(batch, self.pad_id), step=step)
         self.controller.core.observe(step, stats["entropy_exact_grpo"], "exact")
         self.controller.core.observe(step, stats["entropy_sampled_grpo"], "sampled")
-        return {
-            **stats,
-            "entropy": stats.get("entropy_exact_grpo"),
-            "entropy_sampled": stats.get("entropy_sampled_grpo"),
-            "entropy_regularizer": stats.get("entropy_exact_reg"),
-        }
+        return driver_stats(stats)
 
     def full_weights(self) -> dict:
         return self.worker.full_state_dict()
@@ -108,7 +102,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LocalSystem:
+class LocalSystem(PolicySystem):
     """`System`'s interface (components, restart_policy_side, close) with everything in-process."""
 
     def __init__(self, cfg: TrainConfig, model_path: str, threads: int | None = None) -> None:
@@ -138,33 +132,14 @@ class LocalSystem:
         self.tokenizer = TokenizerAdapter(tok, cfg.model.chat_template)
         self.learner = LocalLearner(self.worker, int(tok.pad_token_id), self.controller)
 
-    def components(self, metrics=None) -> Components:
-        aepo = isinstance(self.cfg.algorithm, AEPOConfig)
-        return Components(
-            rollout=RolloutAdapter(self.rollout, self.controller if aepo else None),
-            reward=self.reward,
-            learner=self.learner,
-            controller=self.controller,
-            tokenizer=self.tokenizer,
-            metrics=metrics,
-        )
+    def _rollout(self):
+        return self.rollout
 
-    def restart_policy_side(self, cfg: TrainConfig) -> None:
-        self._stop_policy_side()
-        self.cfg = cfg
-        self._start_policy_side()
+    def _learner(self):
+        return self.learner
 
     def _stop_policy_side(self) -> None:
         if self.worker is not None:
             self.worker.shutdown()
             self.worker = None
         self.rollout.close()
-
-    def close(self) -> None:
-        self._stop_policy_side()
-
-    def __enter__(self) -> "LocalSystem":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -163,6 +163,13 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _mean_curve(runs: list[dict], key: str = "entropy", sub: str | None = None) -> tuple[list[int], list[float]]:
     per_step: dict[int, list[float]] = defaultdict(list)
     for run in runs:
@@ -194,10 +201,7 @@ def fig_entropy_panels(panels: list[tuple[str, list[tuple[str, list[dict], float
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     axes[0][0].set_ylabel("entropy (nats/token, T=1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def fig_pass_at_k(series: list[tuple[str, list[dict]]], ks: list[int], path: Path) -> Path:
@@ -211,10 +215,7 @@ def fig_pass_at_k(series: list[tuple[str, list[dict]]], ks: list[int], path: Pat
     ax.set_ylabel("pass@k (T=1, unbiased)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def fig_sweep(points: list[tuple[float, list[dict]]], grpo: list[dict], path: Path) -> Path:
@@ -236,10 +237,7 @@ def fig_sweep(points: list[tuple[float, list[dict]]], grpo: list[dict], path: Pa
     ax.set_ylabel("held-out score (dotted: GRPO)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def fig_decomposition(series: list[tuple[str, list[dict]]], path: Path) -> Path:
@@ -259,10 +257,7 @@ def fig_decomposition(series: list[tuple[str, list[dict]]], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     axes[0].set_ylabel("nats per token")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def fig_positions(series: list[tuple[str, list[float | None]]], path: Path) -> Path:
@@ -275,10 +270,7 @@ def fig_positions(series: list[tuple[str, list[float | None]]], path: Path) -> P
     ax.set_ylabel("mean entropy (nats)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _mean_profile(runs: list[dict], at: str = "end", n: int = 10) -> list[float | None]:

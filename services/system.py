@@ -132,18 +132,22 @@ class RolloutAdapter:
         return float(self.pool.load_weights(version, weights)["sync_s"])
 
 
+def driver_stats(stats: dict) -> dict:
+    """The learners' update stats under the names the driver's metrics row uses."""
+    return {
+        **stats,
+        "entropy": stats.get("entropy_exact_grpo"),
+        "entropy_sampled": stats.get("entropy_sampled_grpo"),
+        "entropy_regularizer": stats.get("entropy_exact_reg"),
+    }
+
+
 class LearnerAdapter:
     def __init__(self, group, controller_name: str):
         self.group, self.controller_name = group, controller_name
 
     def update(self, batch: dict, step: int) -> dict:
-        stats = self.group.update(batch, step=step, publish_to=self.controller_name)
-        return {
-            **stats,
-            "entropy": stats.get("entropy_exact_grpo"),
-            "entropy_sampled": stats.get("entropy_sampled_grpo"),
-            "entropy_regularizer": stats.get("entropy_exact_reg"),
-        }
+        return driver_stats(self.group.update(batch, step=step, publish_to=self.controller_name))
 
     def full_weights(self):
         return self.group.state_dict_ref()  # an ObjectRef: gathered once, shipped by the object store
@@ -224,7 +228,50 @@ def start_reward(cfg: TrainConfig) -> tuple[str, Any]:
     return deploy(replicas=rc.replicas), None
 
 
-class System:
+class PolicySystem:
+    """What every backend shares: the driver's component bundle, a policy-side restart, `with`.
+
+    Subclasses start `controller`, `reward`, `tokenizer` and whatever `_rollout()` and
+    `_learner()` return in `_start_policy_side`, and stop them in `_stop_policy_side`."""
+
+    cfg: TrainConfig
+
+    def _rollout(self) -> Any: ...
+
+    def _learner(self) -> Any: ...
+
+    def _start_policy_side(self) -> None: ...
+
+    def _stop_policy_side(self) -> None: ...
+
+    def close(self) -> None:
+        self._stop_policy_side()
+
+    def components(self, metrics=None) -> Components:
+        aepo = isinstance(self.cfg.algorithm, AEPOConfig)
+        return Components(
+            rollout=RolloutAdapter(self._rollout(), self.controller if aepo else None),
+            reward=self.reward,
+            learner=self._learner(),
+            controller=self.controller,
+            tokenizer=self.tokenizer,
+            metrics=metrics,
+        )
+
+    def restart_policy_side(self, cfg: TrainConfig) -> None:
+        """New learners, rollout engines and controller (for a second run on the same system)."""
+        self._stop_policy_side()
+        self.cfg = cfg
+        self._start_policy_side()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class System(PolicySystem):
     """Everything one run needs, started in order and closed in reverse."""
 
     def __init__(self, cfg: TrainConfig, model_path: str, quiet: bool = True):
@@ -250,21 +297,23 @@ class System:
         self.pool = RolloutPool(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
         self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template)
 
-    def components(self, metrics=None) -> Components:
-        return Components(
-            rollout=RolloutAdapter(self.pool, self.controller if isinstance(self.cfg.algorithm, AEPOConfig) else None),
-            reward=self.reward,
-            learner=LearnerAdapter(self.learners, self.cfg.controller.name),
-            controller=self.controller,
-            tokenizer=self.tokenizer,
-            metrics=metrics,
-        )
+    def sibling(self, cfg: TrainConfig) -> "System":
+        """A second run's policy side (learners, rollout, controller) in this cluster, sharing this
+        system's reward server; close it before this one. Its controller must have its own name."""
+        if cfg.controller.name == self.cfg.controller.name:
+            raise ValueError(f"a sibling run needs its own controller.name, not {cfg.controller.name!r}")
+        other = System.__new__(System)
+        other.cfg, other.model_path, other._closers = cfg, self.model_path, []
+        other.reward_url = self.reward_url
+        other.reward = RewardAdapter(self.reward_url, cfg.reward.timeout_s, os.environ.get("AEPO_REWARD_TOKEN"))
+        other._start_policy_side()
+        return other
 
-    def restart_policy_side(self, cfg: TrainConfig) -> None:
-        """New learners, rollout engines and controller (for a second run in the same cluster)."""
-        self._stop_policy_side()
-        self.cfg = cfg
-        self._start_policy_side()
+    def _rollout(self):
+        return self.pool
+
+    def _learner(self):
+        return LearnerAdapter(self.learners, self.cfg.controller.name)
 
     def _stop_policy_side(self) -> None:
         import ray
@@ -280,9 +329,3 @@ class System:
         self._stop_policy_side()
         for close in reversed(self._closers):
             close()
-
-    def __enter__(self) -> "System":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config (YAML), e.g. deploy/configs/cpu_default.yaml")
     p.add_argument("--output-dir", help="overrides trainer.output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
-    p.add_argument("--compare", choices=["grpo"], help="then run this baseline on the same budget and plot both")
+    p.add_argument("--compare", choices=["grpo"], help="also run this baseline on the same budget and plot both")
+    p.add_argument(
+        "--compare-mode", choices=["parallel", "sequential"], default="parallel",
+        help="parallel (default, ray backend): both runs at once in one cluster, sharing the reward server, "
+        "one torch thread per rollout actor; sequential: the baseline after the main run",
+    )
     p.add_argument("--steps", type=int, help="overrides trainer.steps")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     p.add_argument("--verbose", action="store_true", help="show the Ray actors' logs")
@@ -33,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from services.config import GRPOConfig, load_config
+    from services.config import load_config
 
     cfg = load_config(args.config)
     trainer_over = {}
@@ -50,8 +56,17 @@ def main(args: argparse.Namespace) -> int:
     from services.system import System, init_ray
 
     backend = getattr(args, "backend", "ray")
+    base = compare_config(cfg, args.compare) if args.compare else None
+    parallel = base is not None and backend == "ray" and getattr(args, "compare_mode", "parallel") == "parallel"
     if backend == "ray":
-        init_ray(quiet=not args.verbose)
+        need = cpus_needed(cfg) + (cpus_needed(base) if parallel else 0)
+        init_ray(num_cpus=max(os.cpu_count() or 2, need), quiet=not args.verbose)
+        if parallel and not cluster_fits(need):
+            print(f"--compare: the cluster has fewer than the {need} CPUs two runs at once reserve; "
+                  "running the baseline after the main run", flush=True)
+            parallel = False
+    if parallel:  # two runs share the cores: one generation thread each
+        cfg, base = single_threaded(cfg), single_threaded(base)
     model_path, warm = prepare_model(cfg, progress=not args.no_progress)
     runs = {}
     if backend == "local":
@@ -60,18 +75,58 @@ def main(args: argparse.Namespace) -> int:
         make_system = lambda: LocalSystem(cfg, model_path, threads=getattr(args, "threads", None))  # noqa: E731
     else:
         make_system = lambda: System(cfg, model_path, quiet=not args.verbose)  # noqa: E731
+    progress = not args.no_progress
     with make_system() as system:
-        runs[cfg.algorithm.type] = run_one(cfg, system, out, args.resume, not args.no_progress)
-        if args.compare:
-            base = cfg.model_copy(update={
-                "algorithm": GRPOConfig(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
-                                        dual_clip=cfg.algorithm.dual_clip),
-                "run_name": f"{cfg.run_name}-{args.compare}",
-            })
-            system.restart_policy_side(base)
-            runs[args.compare] = run_one(base, system, out / f"compare-{args.compare}", args.resume, not args.no_progress)
+        if parallel:
+            from concurrent.futures import ThreadPoolExecutor
+
+            sibling = system.sibling(base)
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    main_run = pool.submit(run_one, cfg, system, out, args.resume, progress, 0)
+                    base_run = pool.submit(run_one, base, sibling, out / f"compare-{args.compare}", args.resume, progress, 1)
+                    runs[cfg.algorithm.type], runs[args.compare] = main_run.result(), base_run.result()
+            finally:
+                sibling.close()
+        else:
+            runs[cfg.algorithm.type] = run_one(cfg, system, out, args.resume, progress)
+            if base is not None:
+                system.restart_policy_side(base)
+                runs[args.compare] = run_one(base, system, out / f"compare-{args.compare}", args.resume, progress)
     finish(cfg, out, runs, warm, time.monotonic() - t0)
     return 0
+
+
+def compare_config(cfg, baseline: str):
+    """The baseline run of `--compare`: same everything, GRPO with the main run's clipping."""
+    from services.config import GRPOConfig
+
+    tr = cfg.trainer
+    return cfg.model_copy(update={
+        "algorithm": GRPOConfig(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
+                                dual_clip=cfg.algorithm.dual_clip),
+        "run_name": f"{cfg.run_name}-{baseline}",
+        "controller": cfg.controller.model_copy(update={"name": f"{cfg.controller.name}-{baseline}"}),
+        "trainer": tr.model_copy(update={"metrics_port": tr.metrics_port + 1 if tr.metrics_port else 0}),
+    })
+
+
+def single_threaded(cfg):
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"torch_threads": 1})})
+
+
+def cpus_needed(cfg) -> int:
+    """Ray CPUs one run reserves (learner bundles + rollout actors; the reward replica reserves none)."""
+    import math
+
+    need = cfg.learner.num_workers * cfg.learner.cpus_per_worker + cfg.rollout.num_actors * cfg.rollout.cpus_per_actor
+    return max(math.ceil(need), 1)
+
+
+def cluster_fits(cpus: int) -> bool:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 0) >= cpus
 
 
 def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
@@ -94,7 +149,7 @@ def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
     return str(warm), info
 
 
-def run_one(cfg, system, out: Path, resume: bool, progress: bool) -> dict:
+def run_one(cfg, system, out: Path, resume: bool, progress: bool, position: int = 0) -> dict:
     from services.data import load_items
     from services.driver import Trainer
     from services.metrics import RunMetrics
@@ -102,7 +157,8 @@ def run_one(cfg, system, out: Path, resume: bool, progress: bool) -> dict:
     train_items, eval_items = load_items(cfg.data)
     metrics = RunMetrics(cfg.run_name, cfg.trainer.metrics_port, cfg.trainer.metrics_host)
     try:
-        trainer = Trainer(cfg, system.components(metrics), train_items, eval_items, out, progress=progress)
+        trainer = Trainer(cfg, system.components(metrics), train_items, eval_items, out, progress=progress,
+                          progress_position=position)
         trainer.fit(resume=resume)
     finally:
         metrics.close()

@@ -115,6 +115,12 @@ def test_a_short_aepo_run_through_every_real_component(ray_local, taught_model, 
         last = rows[-1]
         assert f'aepo_policy_entropy{{run_id="e2e",source="exact"}} {last["entropy"]}' in body
         assert f'aepo_regularizer_temperature{{run_id="e2e"}} {last["reg_temperature"]}' in body
+        # where the entropy lives: both split into irrelevant + content = the mean, in the file and the scrape
+        te = last["token_entropy"]
+        assert te["irrelevant"] + te["content"] == pytest.approx(last["entropy"], rel=1e-6)
+        assert f'aepo_token_entropy{{kind="content",run_id="e2e"}} {te["content"]}' in body
+        assert f'aepo_token_entropy_share{{kind="forking",run_id="e2e"}} {last["entropy_forking_share"]}' in body
+        assert 'aepo_token_entropy_by_position{position="0",run_id="e2e"}' in body
         metrics.close()
 
         # the controller read the learners' entropy and flipped when the target fell below it

@@ -96,6 +96,7 @@ def test_prometheus_scrapes_the_entropy_target_and_temperature_of_each_step(ray_
     entropy = _series(base, 'aepo_policy_entropy{run_id="prom",source="exact"}', t0, t1)
     target = _series(base, 'aepo_entropy_target{run_id="prom"}', t0, t1)
     temp = _series(base, 'aepo_regularizer_temperature{run_id="prom"}', t0, t1)
+    content = _series(base, 'aepo_token_entropy{run_id="prom",kind="content"}', t0, t1)
     seen = defaultdict(set)
     for ts, s in step.items():
         # the four series come from one scrape, so share its timestamp; each must be that step's row
@@ -103,6 +104,7 @@ def test_prometheus_scrapes_the_entropy_target_and_temperature_of_each_step(ray_
         assert entropy[ts] == pytest.approx(row["entropy"], rel=1e-9)
         assert target[ts] == pytest.approx(row["entropy_target"], rel=1e-9)
         assert temp[ts] == row["reg_temperature"]
+        assert content[ts] == pytest.approx(row["token_entropy"]["content"], rel=1e-9)
         seen[int(s)].add(ts)
     assert len(seen) >= 3, f"prometheus saw steps {sorted(seen)} of {sorted(rows)}"
     assert max(seen) == max(rows)  # the last step's values are the ones left standing

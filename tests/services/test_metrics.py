@@ -13,7 +13,9 @@ ROW = {
     "reg_temperature": 0.8, "reg_m": 32, "reg_selected": 17, "reg_direction": "down",
     "reward_mean_grpo": 0.5, "accuracy_grpo": 0.5, "reward_mean_regularizer": 0.25, "accuracy_regularizer": 0.25,
     "step_seconds": 1.5, "time": {"rollout": 0.4, "learner": 0.6}, "reward_failures": {"timeout": 2, "error": 0},
-    "eval_pass@8": 0.9, "token_entropy": {"irrelevant": 0.3},
+    "eval_pass@8": 0.9, "token_entropy": {"irrelevant": 0.3, "content": 0.11, "forking": 1.2, "nonforking": None},
+    "entropy_irrelevant_share": 0.73, "entropy_forking_share": 0.55, "entropy_by_position": [0.9, None, 0.2],
+    "reg_weight": 2.5,
 }
 
 
@@ -33,9 +35,16 @@ def test_a_step_row_becomes_labelled_series():
         'aepo_reward_failures_total{outcome="timeout",run_id="r1"} 2.0',
         'aepo_eval_pass_at_k{k="8",run_id="r1"} 0.9',
         'aepo_token_entropy{kind="irrelevant",run_id="r1"} 0.3',
+        'aepo_token_entropy{kind="content",run_id="r1"} 0.11',
+        'aepo_token_entropy_share{kind="irrelevant",run_id="r1"} 0.73',
+        'aepo_token_entropy_share{kind="forking",run_id="r1"} 0.55',
+        'aepo_token_entropy_by_position{position="0",run_id="r1"} 0.9',
+        'aepo_token_entropy_by_position{position="2",run_id="r1"} 0.2',
+        'aepo_regularizer_weight{run_id="r1"} 2.5',
         'aepo_step{run_id="r1"} 7.0',
     ]:
         assert line in text, line
+    assert 'kind="nonforking"' not in text and 'position="1"' not in text  # no value: no sample
 
 
 def test_every_catalogue_name_is_in_the_exported_set_and_follows_conventions():

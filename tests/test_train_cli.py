@@ -1,0 +1,43 @@
+"""`aepo train --compare grpo`: the main run and its GRPO baseline side by side in one local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_runs_both_at_once_and_prints_both_trajectories(tmp_path):
+    out = tmp_path / "run"
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "run_name: cmp\n"
+        "algorithm: {type: aepo, prompt_share: 1.0, rule: {type: bang_bang, m_up: 8, m_down: 4}}\n"
+        "data: {type: countdown, num_train: 50, num_eval: 4}\n"
+        "rollout: {engine: hf, group_size: 2, max_tokens: 8}\n"
+        "learner: {num_workers: 2, cpus_per_worker: 0.5, micro_batch_size: 8}\n"
+        "reward: {mode: serve}\n"
+        f"trainer: {{steps: 2, prompts_per_step: 2, eval_every: 0, save_every: 0, eval_samples: 2, output_dir: {out}}}\n"
+        "warm_start: {steps: 0}\n"
+    )
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "services.train", "--config", str(cfg), "--compare", "grpo", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    main = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    base = [json.loads(x) for x in (out / "compare-grpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["algorithm"] for r in main] == ["aepo", "aepo"] and [r["algorithm"] for r in base] == ["grpo", "grpo"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compare"]["grpo"]["steps"] == 2
+    assert "aepo H" in proc.stdout and "grpo H" in proc.stdout  # the trajectory table, one column per run
+    assert "running the baseline after the main run" not in proc.stdout  # they ran side by side
