@@ -149,8 +149,12 @@ class PIRule(_Strict):
         description="weight: u is the positives' advantage weight (sign picks T_up/T_down); temperature: u is "
         "log T of the regularizer batch (T = e^u, weight 1), so the temperature itself moves continuously.",
     )
-    kp: float = Field(10.0, ge=0.0, description="Proportional gain, u per nat of error.")
-    ki: float = Field(1.0, ge=0.0, description="Integral gain, u per nat·step of accumulated error.")
+    # Gains for the toy's measured plant: one unit of u moves entropy by g ≈ 0.0013 nats/step
+    # (results/toy_claims). For e_{t+1} = e_t − g(kp e_t + ki I_t) the poles are real while
+    # ki <= g kp² / 4 (≈ 0.5 at kp = 40); ki = 1 at kp = 10 (30× that) oscillated with a period of
+    # ≈ 90 steps. Re-tune on another scale: measure g from a bang-bang run's slopes.
+    kp: float = Field(40.0, ge=0.0, description="Proportional gain, u per nat of error.")
+    ki: float = Field(0.3, ge=0.0, description="Integral gain, u per nat·step of accumulated error.")
     u_max: float = Field(4.0, gt=0.0, description="Bound on |u| (weight; or log T, e.g. 0.69 = T in [0.5, 2]).")
 
 

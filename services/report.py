@@ -218,6 +218,27 @@ def fig_pass_at_k(series: list[tuple[str, list[dict]]], ks: list[int], path: Pat
     return _save(plt, fig, path)
 
 
+def fig_accuracy(series: list[tuple[str, list[dict]]], path: Path) -> Path:
+    """Held-out avg@k at the eval temperature after each eval, seed mean (k grows at the last eval)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, runs) in enumerate(series):
+        per_step: dict[int, list[float]] = defaultdict(list)
+        for run in runs:
+            for e in run["evals"]:
+                v = next((v for k, v in e.items() if k.startswith("eval_avg@")), None)
+                if v is not None:
+                    per_step[e["step"]].append(v)
+        steps = sorted(per_step)
+        ax.plot(steps, [statistics.fmean(per_step[s]) for s in steps], marker="o", ms=3,
+                color="k" if name == "base" else f"C{i}", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out accuracy avg@k (T=0.6)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(plt, fig, path)
+
+
 def fig_sweep(points: list[tuple[float, list[dict]]], grpo: list[dict], path: Path) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -333,16 +354,25 @@ def write_report(spec, jobs, root: Path, wall_seconds: float | None = None, spec
         cols = list(dict.fromkeys(cols))
         w("| run | seeds | accuracy | " + " | ".join(cols) + " | entropy at end |")
         w("|---|---|---|" + "---|" * len(cols) + "---|")
-        rows_t1 = ([("base", base_runs)] if base_runs else []) + [(label(g), G[g.name]) for g in t1]
+        rows_t1 = ([("base", base_runs)] if base_runs else []) + [(_t1_label(g, G[g.name]), G[g.name]) for g in t1]
         for name, rs in rows_t1:
             ent = "–" if name == "base" else fmt(tail_mean(r["rows"], "entropy") for r in rs)
             w(f"| {name} | {len(rs)} | {fmt(final_accuracy(r) for r in rs)} | "
               + " | ".join(fmt(pass_at(r, int(c.split('@')[1])) for r in rs) for c in cols) + f" | {ent} |")
         w("")
+        for name, rs in rows_t1:
+            if name not in ("base", _t1_label(grpo_group, grpo)) and grpo and _same_trajectories(rs, grpo):
+                w(f"- {name}: every step's entropy and every eval equal GRPO's for the same seeds. With one "
+                  "on-policy update per step (learner.mini_batches 1) the ratio r is exactly 1, where its "
+                  "mechanism does nothing (KL-Cov's |log r| penalty has zero gradient at r = 1).")
+        w("")
         fig_pass_at_k(rows_t1, ks, root / "fig_pass_at_k.png")
         fig_entropy_panels([("Table 1 runs (seed mean)", [(label(g), G[g.name], None) for g in t1 if g.algorithm.get("type") != "grpo"])],
                            grpo, root / "fig_table1_entropy.png")
-        w("![pass@k](fig_pass_at_k.png) ![entropy](fig_table1_entropy.png)\n")
+        fig_accuracy(rows_t1, root / "fig_accuracy.png")
+        w(f"Accuracy is avg@{spec.eval_samples} on {spec.eval_prompts} prompts at intermediate evals (every "
+          f"{spec.eval_every} steps) and avg@{spec.final_eval_samples} on {spec.final_eval_prompts} at the end.\n")
+        w("![pass@k](fig_pass_at_k.png) ![accuracy](fig_accuracy.png) ![entropy](fig_table1_entropy.png)\n")
         verdicts += _claim_collapse(grpo, base_entropy)
         verdicts += _claim_table1(t1, G, base_runs, ks)
 
@@ -467,6 +497,20 @@ def write_report(spec, jobs, root: Path, wall_seconds: float | None = None, spec
     path.write_text("\n".join(lines) + "\n")
     (root / "verdicts.json").write_text(json.dumps([{"claim": c, "verdict": v, "numbers": n} for c, v, n in verdicts], indent=2) + "\n")
     return path
+
+
+def _same_trajectories(runs: list[dict], ref: list[dict]) -> bool:
+    """Whether each run's entropy series and final eval equal the reference run of its seed."""
+    by_seed = {r["job"].seed: r for r in ref}
+    if not runs or any(r["job"].seed not in by_seed for r in runs):
+        return False
+    return all([x.get("entropy") for x in r["rows"]] == [x.get("entropy") for x in by_seed[r["job"].seed]["rows"]]
+               and r["final"] == by_seed[r["job"].seed]["final"] for r in runs)
+
+
+def _t1_label(group, runs: list[dict]) -> str:
+    targets = sorted({r["job"].target for r in runs if r["job"].target is not None})
+    return label(group) + (f" H*={targets[0]:g}" if len(targets) == 1 else "")
 
 
 def _by_target(runs: list[dict]) -> dict[float | None, list[dict]]:
