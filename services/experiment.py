@@ -263,17 +263,21 @@ def main(args: argparse.Namespace) -> int:
         print(f"{sum(not is_done(j) for j in dedupe(jobs))} runs to do (+ the 'best target' groups after the sweep)")
         return 0
     failed: list[str] = []
+    ran = 0
     if not args.report_only:
         _prepare_base_model(jobs[0])
+        ran += sum(not is_done(j) for j in dedupe(jobs))
         failed += run_jobs(jobs, spec, progress=not args.no_progress)
     best = best_sweep_target(jobs)
     if best is not None:
         jobs = expand(spec, root, best_target=best)
         share_dirs(jobs)
         if not args.report_only:
+            ran += sum(not is_done(j) for j in dedupe(jobs))
             failed += run_jobs(jobs, spec, progress=not args.no_progress)
     wall = time.monotonic() - t0
-    report = write_report(spec, jobs, root, wall_seconds=None if args.report_only else wall, spec_path=args.spec)
+    report = write_report(spec, jobs, root, wall_seconds=None if args.report_only else wall, spec_path=args.spec,
+                          ran=ran)
     print(f"report: {report}")
     if failed:
         print(f"{len(failed)} runs failed: {', '.join(failed)}", file=sys.stderr)
