@@ -163,6 +163,14 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, xlabel: str, ylabel: str, path: Path, legend_size: int = 7) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    return _save(plt, fig, path)
+
+
 def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -211,11 +219,7 @@ def fig_pass_at_k(series: list[tuple[str, list[dict]]], ks: list[int], path: Pat
         ys = [statistics.fmean([p for p in (pass_at(r, k) for r in runs) if p is not None] or [float("nan")]) for k in ks]
         ax.plot(ks, ys, marker="o", ms=3, lw=1.2, label=name, color="k" if name == "base" else f"C{i}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (T=1, unbiased)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return _finish(plt, fig, ax, "k", "pass@k (T=1, unbiased)", path)
 
 
 def fig_accuracy(series: list[tuple[str, list[dict]]], path: Path) -> Path:
@@ -232,11 +236,7 @@ def fig_accuracy(series: list[tuple[str, list[dict]]], path: Path) -> Path:
         steps = sorted(per_step)
         ax.plot(steps, [statistics.fmean(per_step[s]) for s in steps], marker="o", ms=3,
                 color="k" if name == "base" else f"C{i}", label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out accuracy avg@k (T=0.6)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return _finish(plt, fig, ax, "step", "held-out accuracy avg@k (T=0.6)", path)
 
 
 def fig_sweep(points: list[tuple[float, list[dict]]], grpo: list[dict], path: Path) -> Path:
@@ -254,11 +254,7 @@ def fig_sweep(points: list[tuple[float, list[dict]]], grpo: list[dict], path: Pa
         ax.plot(ts, ys, marker="o", color=color, label=name)
         if grpo:
             ax.axhline(mean_spread(value(r) for r in grpo)[0], color=color, ls=":", lw=1)
-    ax.set_xlabel("target entropy H* (nats/token)")
-    ax.set_ylabel("held-out score (dotted: GRPO)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(plt, fig, path)
+    return _finish(plt, fig, ax, "target entropy H* (nats/token)", "held-out score (dotted: GRPO)", path, 8)
 
 
 def fig_decomposition(series: list[tuple[str, list[dict]]], path: Path) -> Path:
@@ -287,11 +283,7 @@ def fig_positions(series: list[tuple[str, list[float | None]]], path: Path) -> P
     for i, (name, prof) in enumerate(series):
         xs = [p for p, v in enumerate(prof) if v is not None]
         ax.plot(xs, [prof[p] for p in xs], marker=".", color="k" if name.startswith("base") else f"C{i}", label=name)
-    ax.set_xlabel("response position (0 = first token)")
-    ax.set_ylabel("mean entropy (nats)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(plt, fig, path)
+    return _finish(plt, fig, ax, "response position (0 = first token)", "mean entropy (nats)", path)
 
 
 def _mean_profile(runs: list[dict], at: str = "end", n: int = 10) -> list[float | None]:
