@@ -421,8 +421,9 @@ def write_report(spec, jobs, root: Path, wall_seconds: float | None = None, spec
     w("| run | entropy | irrelevant | content | irrelevant share | forking (top 20 %) mean | non-forking mean | forking share of entropy |")
     w("|---|---|---|---|---|---|---|---|")
     dec_series = []
-    if runs:
-        first = runs[0]["rows"]
+    trained = [r for r in runs if r["rows"]]
+    if trained:
+        first = trained[0]["rows"]  # step 0 of any run: the base model (every run starts from it)
         if first:
             w(f"| base (step 0) | {fmt([head_value(first, 'entropy')])} | {fmt([head_value(first, 'token_entropy', 'irrelevant')])} | "
               f"{fmt([head_value(first, 'token_entropy', 'content')])} | {fmt([head_value(first, 'entropy_irrelevant_share')], 2)} | "
@@ -443,7 +444,7 @@ def write_report(spec, jobs, root: Path, wall_seconds: float | None = None, spec
     w("")
     if dec_series:
         fig_decomposition(dec_series, root / "fig_entropy_decomposition.png")
-        prof = [("base (step 0)", _mean_profile(runs[:1], "start"))] + [(n, _mean_profile(rs)) for n, rs in dec_series]
+        prof = [("base (step 0)", _mean_profile(trained[:1], "start"))] + [(n, _mean_profile(rs)) for n, rs in dec_series]
         fig_positions(prof, root / "fig_entropy_by_position.png")
         w("![decomposition](fig_entropy_decomposition.png) ![by position](fig_entropy_by_position.png)\n")
         verdicts += _claim_decomposition(dec_series, grpo)
