@@ -270,6 +270,17 @@ class LearnerConfig(_Strict):
         description="With one mini-batch (on-policy), take the old log-probs and the entropy from the training "
         "forward itself (detached) instead of a separate scoring pass: identical values, one forward fewer.",
     )
+    fast_gather: bool = Field(
+        True,
+        description="Weight sync: gather the full weights in flat bucketed all-gathers (FSDP2 dim-0 shards) "
+        "instead of one collective per parameter; falls back to torch's gather for other layouts.",
+    )
+    sync_bucket_mb: int = Field(64, ge=1, description="Weight sync: bytes per flat all-gather bucket, in MiB.")
+    sort_by_length: bool = Field(
+        True,
+        description="Order each mini-batch's rows by length before cutting micro-batches, so each micro-batch "
+        "is padded only to its own longest row; the loss is a token sum, so the update is unchanged.",
+    )
     entropy_analysis: EntropyAnalysisConfig = Field(default_factory=EntropyAnalysisConfig)
 
 

@@ -5,6 +5,13 @@ regularizer batch at T_reg) and `generate` has one temperature per call; its mod
 generation_config defaults (top_k=50, repetition penalties of instruct checkpoints) would also
 silently change the sampling distribution. The loop below samples every row of one padded batch
 from softmax(logits / T_row), nucleus-filtered per row, with a private torch.Generator.
+
+Speed on CPU, where a tiny model's decode step is mostly bookkeeping: the KV cache is allocated
+once per batch at its final length and written in place (`PreallocatedKV`; transformers'
+DynamicCache concatenates every layer's keys and values at every token, which was a quarter of
+the generation time), rows that hit <eos> leave the batch, and attention is the plain matmul
+("eager") kernel, faster than SDPA's for one query token over a few dozen keys. Same samples as
+before for the same seed; `tests/services/test_hf_engine.py` checks it.
 """
 
 from __future__ import annotations
@@ -39,6 +46,79 @@ def sample_next_tokens(
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
 
 
+def _prealloc_supported() -> bool:
+    """Whether this transformers has the layered Cache API (5.x) `PreallocatedKV` is built on."""
+    try:
+        from transformers.cache_utils import Cache, DynamicLayer  # noqa: F401
+    except ImportError:
+        return False
+    import inspect
+
+    return "layers" in inspect.signature(Cache.__init__).parameters
+
+
+def _make_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """One layer's keys and values in buffers of the batch's final length, written in place.
+
+        `keys`/`values` are views of the first `length` positions, so everything transformers
+        reads from a layer (attention, mask sizes, sequence length) sees what DynamicLayer shows.
+        """
+
+        def __init__(self, capacity: int):
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            b, h, _, dk = key_states.shape
+            self.kbuf = key_states.new_empty((b, h, self.capacity, dk))
+            self.vbuf = value_states.new_empty((b, h, self.capacity, value_states.shape[-1]))
+            self.keys, self.values = self.kbuf[:, :, :0], self.vbuf[:, :, :0]
+            self.is_initialized = True
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, k = self.length, key_states.shape[-2]
+            if n + k > self.capacity:
+                raise RuntimeError(f"KV cache full: {n} + {k} positions > capacity {self.capacity}")
+            self.kbuf[:, :, n : n + k] = key_states
+            self.vbuf[:, :, n : n + k] = value_states
+            self.length = n + k
+            self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.is_initialized:
+                self.kbuf, self.vbuf = self.kbuf[indices], self.vbuf[indices]
+                self.keys, self.values = self.kbuf[:, :, : self.length], self.vbuf[:, :, : self.length]
+
+        def reset(self) -> None:
+            self.length = 0
+            super().reset()
+
+    return PreallocatedLayer
+
+
+_LAYER_CLASS = None
+
+
+def preallocated_cache(num_layers: int, capacity: int):
+    """A transformers `Cache` whose layers hold `capacity` positions, allocated on first use."""
+    global _LAYER_CLASS
+    from transformers.cache_utils import Cache
+
+    if _LAYER_CLASS is None:
+        _LAYER_CLASS = _make_layer_class()
+    return Cache(layers=[_LAYER_CLASS(capacity) for _ in range(num_layers)])
+
+
 class HFEngine:
     """Batched sampling from an HF causal LM; every prompt × n row of a call in one padded batch."""
 
@@ -51,6 +131,8 @@ class HFEngine:
         dtype: str | None = None,
         max_batch_rows: int = 1024,
         name: str = "hf",
+        attn_implementation: str | None = None,
+        preallocate_kv: bool | None = None,
     ):
         self.name = name
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,8 +141,14 @@ class HFEngine:
             torch_dtype = torch.float32 if self.device == "cpu" else "auto"
         else:
             torch_dtype = getattr(torch, dtype)
-        self.model = load_causal_lm(model_path, dtype=torch_dtype, device=self.device)
+        # eager attention on CPU: one query token over a few dozen keys is a small matmul, and
+        # SDPA's CPU kernel is slower there; on GPU SDPA's kernels win
+        attn = attn_implementation or ("eager" if self.device == "cpu" else "sdpa")
+        self.model = load_causal_lm(model_path, dtype=torch_dtype, device=self.device, attn_implementation=attn)
         self.model.requires_grad_(False)
+        self.preallocate_kv = _prealloc_supported() if preallocate_kv is None else preallocate_kv
+        if self.preallocate_kv and not _prealloc_supported():
+            raise ValueError("preallocate_kv needs transformers >= 5 (the layered Cache API)")
         tok = load_tokenizer(model_path)
         self.pad_id = int(tok.pad_token_id)
         self.eos_ids = _eos_ids(self.model, tok)
@@ -93,7 +181,8 @@ class HFEngine:
         eos = torch.tensor(sorted(self.eos_ids), device=dev)
         # left padding: real tokens get positions 0..len-1 whatever the padding in front of them
         pos = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache = self._new_cache(ids.shape[1] + int(limits.max()))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
         cache, logits = out.past_key_values, out.logits[:, -1]
         pos = pos[:, -1:]
         rows = len(reqs)
@@ -126,6 +215,17 @@ class HFEngine:
             )
             cache, logits = out.past_key_values, out.logits[:, -1]
         return _collect(tokens.tolist(), stopped.tolist(), self.eos_ids, reqs)
+
+    def _new_cache(self, capacity: int):
+        """A preallocated KV cache for `capacity` positions, or None (transformers' default) when
+        disabled or when the model has layers other than full attention (sliding windows)."""
+        if not self.preallocate_kv:
+            return None
+        text = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else self.model.config
+        kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            return None
+        return preallocated_cache(int(text.num_hidden_layers), capacity)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF-named state dict into the model (dtype and device converted on the way)."""

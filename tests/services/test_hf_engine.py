@@ -108,3 +108,42 @@ def test_temperature_is_honoured_per_request_within_one_call(tiny_model_path, to
     assert empirical[0] < empirical[1] < empirical[2]
     for e, x in zip(empirical, exact):
         assert abs(e - x) < 0.15, (empirical, exact)
+
+
+@pytest.mark.skipif(not __import__("services.engines.hf", fromlist=["x"])._prealloc_supported(), reason="transformers 4.x")
+def test_preallocated_cache_and_eager_attention_sample_what_the_default_cache_samples(tiny_model_path, prompts):
+    """The fast path (KV written in place, eager attention) against transformers' own DynamicCache
+    with SDPA: same seed, same rows, with finished rows leaving the batch along the way, so the
+    same tokens come out. 64 rows of T = 1.3 sampling on the untrained model run to varied lengths."""
+    from services.engines import EngineRequest
+    from services.engines.hf import HFEngine
+
+    reqs = [EngineRequest(ids, n=16, temperature=1.3, max_tokens=12, seed=3) for _, ids in prompts]
+    fast = HFEngine(tiny_model_path, seed=0)
+    slow = HFEngine(tiny_model_path, seed=0, attn_implementation="sdpa", preallocate_kv=False)
+    assert fast.preallocate_kv and not slow.preallocate_kv
+    got = [[o.response_ids for o in outs] for outs in fast.generate(reqs)]
+    want = [[o.response_ids for o in outs] for outs in slow.generate(reqs)]
+    assert got == want
+    lengths = {len(r) for outs in got for r in outs}
+    assert len(lengths) > 3  # rows did finish at different steps
+
+
+def test_preallocated_layer_writes_in_place_and_refuses_to_overflow():
+    from services.engines.hf import _prealloc_supported, preallocated_cache
+
+    if not _prealloc_supported():
+        pytest.skip("transformers 4.x")
+    cache = preallocated_cache(num_layers=1, capacity=5)
+    layer = cache.layers[0]
+    k, v = torch.arange(2 * 3 * 2.0).view(1, 2, 3, 2), torch.ones(1, 2, 3, 2)
+    keys, values = layer.update(k, v)
+    assert torch.equal(keys, k) and layer.get_seq_length() == 3
+    keys, _ = layer.update(k[:, :, :1] + 100, v[:, :, :1])
+    assert keys.shape[2] == 4 and torch.equal(keys[:, :, :3], k) and torch.equal(keys[:, :, 3], k[:, :, 0] + 100)
+    with pytest.raises(RuntimeError, match="KV cache full"):
+        layer.update(k, v)
+    cache2 = preallocated_cache(num_layers=1, capacity=4)
+    cache2.layers[0].update(torch.stack([k[0], k[0] + 1]), torch.stack([v[0], v[0]]))
+    cache2.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(cache2.layers[0].keys, (k + 1)) and cache2.get_seq_length() == 3

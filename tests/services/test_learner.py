@@ -248,3 +248,57 @@ def test_two_fsdp_learners_with_fused_scoring_match_the_single_process_update(ra
     for key, value in want_entropy.items():
         assert stats[key] == pytest.approx(value, abs=1e-5), key
     assert stats["optimizer_steps"] == 1
+
+
+@pytest.mark.parametrize("bucket_bytes", [1, 200_000, 1 << 30])  # one parameter per bucket, a few, all in one
+def test_the_flat_weight_gather_equals_torchs_full_state_dict(group, bucket_bytes):
+    """Bit-identical tensors under the same keys (tied lm_head included), on every rank."""
+    import ray
+
+    # defined here so that Ray ships them by value (the workers cannot import this test module)
+    def _torch_full_state(worker):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _flat_full_state(worker, bucket_bytes):
+        from services.learner import gather_full_state
+
+        return gather_full_state(worker.model, bucket_bytes)
+
+    want = ray.get([w.__ray_call__.remote(_torch_full_state) for w in group.workers])
+    got = ray.get([w.__ray_call__.remote(_flat_full_state, bucket_bytes) for w in group.workers])
+    want = want[0]  # torch's cpu_offload gather fills rank 0 only; the flat one fills every rank
+    assert want and all(g is not None and list(g) == list(want) for g in got)
+    for g in got:
+        for key in want:
+            assert g[key].shape == want[key].shape and torch.equal(g[key], want[key]), key
+    # an uneven split is covered: the embedding's rows (the vocabulary, 23) do not halve
+    assert want["model.embed_tokens.weight"].shape[0] % 2 == 1
+
+
+def test_length_order_sorts_inside_each_mini_batch_only():
+    from services.learner import length_order
+
+    lengths = torch.tensor([5, 3, 9, 3, 7, 1, 4, 2])
+    assert length_order(lengths, 1).tolist() == [5, 7, 1, 3, 6, 0, 4, 2]
+    # two mini-batches: rows 0-3 and 4-7 keep to their halves
+    assert length_order(lengths, 2).tolist() == [1, 3, 0, 2, 5, 7, 6, 4]
+
+
+def test_sorting_rows_by_length_leaves_the_update_unchanged(tiny_model_path):
+    """Micro-batches of 3 over 8 rows of mixed lengths, sorted or in the given order: same weights,
+    same statistics (the loss is a token sum over the mini-batch; only the padding differs)."""
+    batch = make_batch(rows=8, n_reg=2, seed=7)
+    assert len(set(batch.attention_mask.sum(1).tolist())) > 2
+    base = dict(num_workers=1, cpus_per_worker=2, micro_batch_size=3, mini_batches=1)
+    algo = AEPOConfig(mode="replace", coef=1.0)
+    a, wa = _one_rank_update(tiny_model_path, LearnerConfig(**base, sort_by_length=True), algo, batch)
+    b, wb = _one_rank_update(tiny_model_path, LearnerConfig(**base, sort_by_length=False), algo, batch)
+    assert max_abs_diff(wa, wb) < 1e-6
+    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert [x is None for x in a["entropy_by_position"]] == [x is None for x in b["entropy_by_position"]]
+    assert [x for x in a["entropy_by_position"] if x is not None] == pytest.approx(
+        [x for x in b["entropy_by_position"] if x is not None], rel=1e-5)
+    assert a["tokens"] == b["tokens"]  # real tokens, not padding
