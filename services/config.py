@@ -279,7 +279,14 @@ class LearnerConfig(_Strict):
     sort_by_length: bool = Field(
         True,
         description="Order each mini-batch's rows by length before cutting micro-batches, so each micro-batch "
-        "is padded only to its own longest row; the loss is a token sum, so the update is unchanged.",
+        "is padded only to its own longest row; the loss is a token sum, so the update is unchanged. "
+        "With share_prefix, rows are ordered by prompt instead.",
+    )
+    share_prefix: bool = Field(
+        True,
+        description="Run each distinct prompt once per micro-batch and only the responses per row, on the "
+        "prompt's KV cache (a GRPO group of G shares its prompt): same logits at every response position, "
+        "less work. Needs transformers' layered cache (5.x); off with gradient checkpointing.",
     )
     entropy_analysis: EntropyAnalysisConfig = Field(default_factory=EntropyAnalysisConfig)
 

@@ -89,6 +89,13 @@ class RolloutService:
         self.engine = make_engine(self.cfg.engine, model_path, seed=seed, **engine_options(self.cfg))
         self.version = 0
 
+    def set_threads(self, threads: int) -> int:
+        """Torch threads for generation from now on (e.g. more once a run sharing the cores ends)."""
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        return torch.get_num_threads()
+
     def ready(self) -> dict[str, Any]:
         """The engine's name and policy version (a cheap call to await actor start-up)."""
         return {"engine": self.engine.name, "policy_version": self.version}
@@ -212,6 +219,12 @@ class RolloutPool:
     def generate(self, prompts, n: int, temperature: float, seed=None, *, top_p=None, max_tokens=None) -> list[Sample]:
         """`RolloutService.generate` across the pool."""
         return self.generate_many([SamplingRequest(prompts, n, temperature, top_p, max_tokens)], seed).samples[0]
+
+    def set_threads(self, threads: int) -> list[int]:
+        """`RolloutService.set_threads` on every actor."""
+        import ray
+
+        return ray.get([a.set_threads.remote(threads) for a in self.actors])
 
     def load_weights(self, version: int, weights) -> dict[str, float]:
         """Broadcast weights (a state dict or an ObjectRef to one) to every actor; returns sync stats."""

@@ -65,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"--compare: the cluster has fewer than the {need} CPUs two runs at once reserve; "
                   "running the baseline after the main run", flush=True)
             parallel = False
-    if parallel:  # two runs share the cores: one generation thread each
+    threads_alone = cfg.rollout.torch_threads
+    if parallel:  # two runs share the cores: one generation thread each (until one of them ends)
         cfg, base = single_threaded(cfg), single_threaded(base)
     model_path, warm = prepare_model(cfg, progress=not args.no_progress)
     runs = {}
@@ -85,6 +86,7 @@ def main(args: argparse.Namespace) -> int:
                 with ThreadPoolExecutor(2) as pool:
                     main_run = pool.submit(run_one, cfg, system, out, args.resume, progress, 0)
                     base_run = pool.submit(run_one, base, sibling, out / f"compare-{args.compare}", args.resume, progress, 1)
+                    hand_over_threads({main_run: sibling, base_run: system}, threads_alone)
                     runs[cfg.algorithm.type], runs[args.compare] = main_run.result(), base_run.result()
             finally:
                 sibling.close()
@@ -109,6 +111,23 @@ def compare_config(cfg, baseline: str):
         "controller": cfg.controller.model_copy(update={"name": f"{cfg.controller.name}-{baseline}"}),
         "trainer": tr.model_copy(update={"metrics_port": tr.metrics_port + 1 if tr.metrics_port else 0}),
     })
+
+
+def hand_over_threads(runs: dict, threads: int | None) -> None:
+    """When the first of two side-by-side runs ends, give the other one's rollout actors the
+    generation threads a run has alone (`rollout.torch_threads`), so its tail does not run on
+    one thread while a core idles. `runs` maps each run's future to the *other* run's system."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    if not threads or threads <= 1:
+        return
+    done, _ = wait(list(runs), return_when=FIRST_COMPLETED)
+    first = next(iter(done))
+    if first.exception() is None and not all(f.done() for f in runs):
+        try:
+            runs[first].pool.set_threads(threads)
+        except Exception as exc:  # a speed-up only: never fail the surviving run over it
+            print(f"--compare: could not raise the remaining run's generation threads ({exc})", flush=True)
 
 
 def single_threaded(cfg):

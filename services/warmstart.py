@@ -64,6 +64,7 @@ def _train_loop(config: dict) -> None:
     import ray.train.torch
 
     from services.countdown import make_splits
+    from services.learner import make_adamw
     from services.model import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)
@@ -73,7 +74,7 @@ def _train_loop(config: dict) -> None:
     tokenizer = load_tokenizer(config["base_path"])
     model = load_causal_lm(config["base_path"]).train()
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=config["lr"])
+    opt = make_adamw(model.parameters(), lr=config["lr"])
     train, _ = make_splits(config["num_train"], config["num_eval"], config["data_seed"])
     rng = random.Random(config["seed"] * 1000 + rank)
     per_worker = max(1, config["batch_size"] // world)

@@ -41,3 +41,45 @@ def test_compare_runs_both_at_once_and_prints_both_trajectories(tmp_path):
     assert summary["compare"]["grpo"]["steps"] == 2
     assert "aepo H" in proc.stdout and "grpo H" in proc.stdout  # the trajectory table, one column per run
     assert "running the baseline after the main run" not in proc.stdout  # they ran side by side
+
+
+class _FakePool:
+    def __init__(self):
+        self.threads = []
+
+    def set_threads(self, n):
+        self.threads.append(n)
+        return [n]
+
+
+class _FakeSystem:
+    def __init__(self):
+        self.pool = _FakePool()
+
+
+def test_the_run_left_alone_gets_the_generation_threads_back():
+    """The first run to end hands its cores over: the other's rollout actors get rollout.torch_threads."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.train import hand_over_threads
+
+    release = threading.Event()
+    main_sys, sib_sys = _FakeSystem(), _FakeSystem()
+    with ThreadPoolExecutor(2) as pool:
+        main_run = pool.submit(lambda: "main done")  # ends first
+        base_run = pool.submit(lambda: release.wait(10) and "base done")
+        hand_over_threads({main_run: sib_sys, base_run: main_sys}, 2)
+        assert sib_sys.pool.threads == [2] and main_sys.pool.threads == []  # the baseline, still running, got them
+        release.set()
+        assert base_run.result() == "base done"
+    # one thread configured: nothing to hand over; a failed run hands nothing over either
+    other, hold = _FakeSystem(), threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        failed = pool.submit(lambda: 1 / 0)
+        slow = pool.submit(lambda: hold.wait(10))
+        hand_over_threads({failed: other, slow: _FakeSystem()}, 2)
+        hand_over_threads({failed: other, slow: _FakeSystem()}, 1)
+        hold.set()
+    assert other.pool.threads == []
+

@@ -153,6 +153,8 @@ class HFEngine:
         self.pad_id = int(tok.pad_token_id)
         self.eos_ids = _eos_ids(self.model, tok)
         self.max_batch_rows = max_batch_rows
+        # finished rows leave the batch once they are 1/compact_every of it (each compaction copies the cache)
+        self.compact_every = 16
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[list[EngineOutput]]:
@@ -203,7 +205,7 @@ class HFEngine:
             if bool(done.all()):
                 break
             finished = int(done.sum())
-            if finished and finished * 16 >= len(done):  # compact: drop the finished rows
+            if finished and finished * self.compact_every >= len(done):  # compact: drop the finished rows
                 keep = (~done).nonzero().squeeze(1)
                 cache.batch_select_indices(keep)
                 live, done, nxt = live[keep], done[keep], nxt[keep]

@@ -147,3 +147,17 @@ def test_preallocated_layer_writes_in_place_and_refuses_to_overflow():
     cache2.layers[0].update(torch.stack([k[0], k[0] + 1]), torch.stack([v[0], v[0]]))
     cache2.batch_select_indices(torch.tensor([1]))
     assert torch.equal(cache2.layers[0].keys, (k + 1)) and cache2.get_seq_length() == 3
+
+
+def test_a_rollout_service_changes_its_generation_threads(tiny_model_path):
+    import torch
+
+    from services.config import RolloutConfig
+    from services.rollout import RolloutService
+
+    before = torch.get_num_threads()
+    try:
+        svc = RolloutService(tiny_model_path, RolloutConfig(engine="hf"), seed=0)
+        assert svc.set_threads(1) == 1 and svc.set_threads(0) == 1
+    finally:
+        torch.set_num_threads(before)

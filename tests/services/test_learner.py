@@ -302,3 +302,96 @@ def test_sorting_rows_by_length_leaves_the_update_unchanged(tiny_model_path):
     assert [x for x in a["entropy_by_position"] if x is not None] == pytest.approx(
         [x for x in b["entropy_by_position"] if x is not None], rel=1e-5)
     assert a["tokens"] == b["tokens"]  # real tokens, not padding
+
+
+def make_grouped_batch(groups: int = 3, g: int = 4, n_reg: int = 2, seed: int = 0) -> TrainBatch:
+    """GRPO-shaped rows: `groups` prompts (different lengths) x `g` responses each, the first
+    `n_reg` rows regularizer samples of prompt 0 placed apart from its group."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [[1] + torch.randint(4, 23, (3 + k,), generator=gen).tolist() for k in range(groups)]
+    rows_p, rows_r = [], []
+    for k in [0] * n_reg + [k for k in range(groups) for _ in range(g)]:
+        rows_p.append(prompts[k])
+        rows_r.append(torch.randint(4, 23, (int(torch.randint(1, 10, (), generator=gen)),), generator=gen).tolist() + [2])
+    adv = torch.randn(len(rows_p), generator=gen)
+    adv[:n_reg] = 1.0
+    return TrainBatch.from_sequences(rows_p, rows_r, adv, [i < n_reg for i in range(len(rows_p))], pad_id=0)
+
+
+def test_shared_prefix_logits_equal_the_joint_forward_at_every_response_position(tiny_model_path):
+    """Prompts of different lengths, groups split across the batch, an inert dummy row: the
+    prompt-once forward gives the joint forward's logits wherever a response token is predicted,
+    and the gradients of a response-token loss agree too."""
+    from services.learner import prompt_lengths, shared_prefix_logits
+
+    batch = make_grouped_batch(seed=1).padded_to(15)  # row 14 is a dummy (copy of row 0, no response)
+    model = hf_model_with(tiny_model_path).train()
+    want = model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits
+    got = shared_prefix_logits(model, batch.tokens, batch.attention_mask, batch.response_mask)
+    assert got is not None and got.shape == want.shape
+    # position t predicts token t+1: the positions that matter are where response_mask[:, t+1] = 1
+    where = batch.response_mask[:, 1:].bool()
+    assert where.sum() > 20
+    assert torch.allclose(got[:, :-1][where], want[:, :-1][where], atol=1e-5)
+    assert torch.equal(prompt_lengths(batch.attention_mask, batch.response_mask)[:3], torch.tensor([4, 4, 4]))
+
+    def loss_of(logits):
+        logp = alg.token_logprobs(logits[:, :-1], batch.tokens[:, 1:])
+        return -(logp * batch.response_mask[:, 1:] * batch.advantages.unsqueeze(1)).sum()
+
+    grads = []
+    for fn in (lambda: want, lambda: got):
+        model.zero_grad()
+        loss_of(fn()).backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[0]) < 1e-4
+    # distinct prompts only, and inert rows only: still exact, still the same two passes
+    distinct = make_batch(rows=4, seed=2)
+    got = shared_prefix_logits(model, distinct.tokens, distinct.attention_mask, distinct.response_mask)
+    want = model(input_ids=distinct.tokens, attention_mask=distinct.attention_mask).logits
+    where = distinct.response_mask[:, 1:].bool()
+    assert torch.allclose(got[:, :-1][where], want[:, :-1][where], atol=1e-5)
+    inert = distinct.padded_to(6).select(torch.tensor([4, 5]))
+    assert inert.response_mask.sum() == 0
+    assert shared_prefix_logits(model, inert.tokens, inert.attention_mask, inert.response_mask).shape[:2] == inert.tokens.shape
+
+
+def test_prompt_order_groups_rows_by_prompt_inside_each_mini_batch():
+    from services.learner import prompt_order
+
+    batch = make_grouped_batch(groups=2, g=2, n_reg=2)  # prompts: 0 0 | 0 0 1 1
+    assert prompt_order(batch, 1).tolist() == [0, 1, 2, 3, 4, 5]
+    swapped = batch.select(torch.tensor([4, 0, 5, 1, 2, 3]))  # 1 0 1 0 0 0
+    assert prompt_order(swapped, 1).tolist() == [0, 2, 1, 3, 4, 5]
+    assert prompt_order(swapped, 2).tolist() == [0, 2, 1, 3, 4, 5]  # halves [1 0 1] [0 0 0]
+    mixed = batch.select(torch.tensor([0, 1, 2, 4, 3, 5]))  # 0 0 0 | 1 0 1: only the second half moves
+    assert prompt_order(mixed, 2).tolist() == [0, 1, 2, 4, 3, 5]
+
+
+def test_the_shared_prefix_update_equals_the_plain_one(tiny_model_path):
+    """One rank, micro-batches of 5 over grouped rows: same weights and statistics with and without."""
+    batch = make_grouped_batch(groups=3, g=4, n_reg=2, seed=3)
+    base = dict(num_workers=1, cpus_per_worker=2, micro_batch_size=5, mini_batches=1)
+    algo = AEPOConfig(mode="replace", coef=1.0)
+    a, wa = _one_rank_update(tiny_model_path, LearnerConfig(**base, share_prefix=True), algo, batch)
+    b, wb = _one_rank_update(tiny_model_path, LearnerConfig(**base, share_prefix=False), algo, batch)
+    assert max_abs_diff(wa, wb) < 1e-6
+    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_two_fsdp_learners_sharing_prompts_match_the_single_process_update(ray_local, tiny_model_path):
+    """FSDP2 with two forwards (prompts, then responses on their cache) per micro-batch, 2 ranks,
+    2 mini-batches: the same weights and entropy as the plain single-process update."""
+    batch = make_grouped_batch(groups=3, g=4, n_reg=2, seed=4)
+    assert CFG.share_prefix
+    want, want_entropy = reference_update(tiny_model_path, CFG, ALGO, batch)
+    g = LearnerGroup(tiny_model_path, CFG, ALGO, seed=0)
+    try:
+        stats = g.update(batch)
+        got = g.get_full_state_dict()
+    finally:
+        g.shutdown()
+    assert max_abs_diff(got, want) < 1e-5
+    for key, value in want_entropy.items():
+        assert stats[key] == pytest.approx(value, abs=1e-5), key
