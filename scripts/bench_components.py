@@ -1,0 +1,171 @@
+"""Speed of the step's compute parts on this machine, each against the way it was done before.
+
+    .venv/bin/python scripts/bench_components.py [--config deploy/configs/cpu_default.yaml] [--reps 12]
+
+Uses the config's model (the warm-started tiny model: built first if it is not cached) and prints,
+as medians over interleaved repetitions (this class of machine is noisy; interleaving keeps the
+comparison fair):
+  * generation of one AEPO step's rows (prompts x G at T=1 plus as many at T_reg) on one thread:
+    SDPA + transformers' DynamicCache vs eager attention + the preallocated KV cache;
+  * one learner update on one rank (one thread) of one rank's share of a GRPO batch, rows grouped
+    by prompt as the driver sends them: plain forward (rows in order), plain with rows sorted by
+    length, and each prompt once (shared prefix, the default);
+  * the full-weight gather of a 2-rank FSDP2 group (gloo): torch's get_model_state_dict vs the
+    flat bucketed all-gather.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def med(xs: list[float]) -> str:
+    return f"{statistics.median(xs[1:]):.3f} s"
+
+
+def bench_generation(model_path: str, cfg, reps: int) -> list:
+    import torch
+
+    from services.countdown import make_splits
+    from services.engines import EngineRequest
+    from services.engines.hf import HFEngine
+    from services.model import load_tokenizer
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer(model_path)
+    train, _ = make_splits(cfg.data.num_train, cfg.data.num_eval, cfg.data.seed)
+    P, G = cfg.trainer.prompts_per_step, cfg.rollout.group_size
+    reqs = [EngineRequest(tok(p.prompt)["input_ids"], n=G, temperature=t, max_tokens=cfg.rollout.max_tokens, seed=5)
+            for t in (1.0, 1.2) for p in train[:P]]
+    engines = {
+        "before: sdpa + DynamicCache": HFEngine(model_path, seed=0, attn_implementation="sdpa", preallocate_kv=False),
+        "now: eager + preallocated KV": HFEngine(model_path, seed=0),
+    }
+    times: dict[str, list[float]] = {k: [] for k in engines}
+    outs = None
+    for _ in range(reps):
+        for name, eng in engines.items():
+            t = time.perf_counter()
+            outs = eng.generate(reqs)
+            times[name].append(time.perf_counter() - t)
+    print(f"\ngeneration, {len(reqs) * G} rows ({P} prompts x {G} at T=1 and at T=1.2), 1 thread:")
+    for name, ts in times.items():
+        print(f"  {name:32s} {med(ts)}")
+    return [(list(r.prompt_ids), o.response_ids) for r, group in zip(reqs[:P], outs[:P]) for o in group]
+
+
+def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
+    import random
+
+    import torch
+
+    from services.config import AEPOConfig
+    from services.learner import LearnerWorker, TrainBatch, shard_batch
+
+    rng = random.Random(0)
+    batch = TrainBatch.from_sequences([p for p, _ in rows], [r for _, r in rows], [rng.gauss(0, 1) for _ in rows],
+                                      [False] * len(rows), pad_id=0)
+    shard = shard_batch(batch, cfg.learner.num_workers, 1)[0]
+    lcfg = cfg.learner.model_copy(update={"num_workers": 1, "cpus_per_worker": 1, "lr": 1e-7})
+    worker = LearnerWorker(0, 1, model_path, lcfg, AEPOConfig(mode="replace"), seed=0)
+    worker.setup("127.0.0.1", free_port())
+    modes = {
+        "plain forward, rows in order": (False, lcfg.model_copy(update={"sort_by_length": False})),
+        "plain forward, sorted by length": (False, lcfg.model_copy(update={"sort_by_length": True})),
+        "each prompt once (default)": (True, lcfg),
+    }
+    times: dict[str, list[float]] = {k: [] for k in modes}
+    for _ in range(reps):
+        for name, (share, c) in modes.items():
+            worker._share_prefix, worker.cfg = share, c
+            t = time.perf_counter()
+            worker.update(shard)
+            times[name].append(time.perf_counter() - t)
+    worker.shutdown()
+    print(f"\nlearner update, one rank's shard ({len(shard)} rows, micro-batches of {lcfg.micro_batch_size}), 1 thread:")
+    for name, ts in times.items():
+        print(f"  {name:32s} {med(ts)}")
+    torch.set_num_threads(1)
+
+
+def _gather_worker(rank: int, world: int, model_path: str, port: int, reps: int, out) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from services.config import LearnerConfig
+    from services.learner import build_fsdp_model, gather_full_state
+
+    model = build_fsdp_model(model_path, LearnerConfig(), torch.device("cpu"))
+    ways = {
+        "before: get_model_state_dict": lambda: get_model_state_dict(
+            model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)),
+        "now: flat bucketed all-gather": lambda: gather_full_state(model, 64 << 20),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(reps):
+        for name, fn in ways.items():
+            dist.barrier()
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    if rank == 0:
+        out.put(times)
+    dist.destroy_process_group()
+
+
+def bench_gather(model_path: str, reps: int) -> None:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gather_worker, args=(r, 2, model_path, port, reps, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    times = queue.get(timeout=600)
+    for p in procs:
+        p.join()
+    print("\nfull-weight gather for the weight sync, 2 FSDP2 ranks (gloo):")
+    for name, ts in times.items():
+        print(f"  {name:32s} {statistics.median(ts[1:]) * 1000:.1f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="deploy/configs/cpu_default.yaml")
+    ap.add_argument("--reps", type=int, default=12)
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from services.config import load_config
+    from services.train import prepare_model
+
+    cfg = load_config(ROOT / args.config)
+    model_path, _ = prepare_model(cfg, progress=True)
+    print(f"model: {model_path}")
+    rows = bench_generation(model_path, cfg, args.reps)
+    bench_learner(model_path, cfg, rows, args.reps)
+    bench_gather(model_path, args.reps)
+
+
+if __name__ == "__main__":
+    main()
