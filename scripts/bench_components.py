@@ -6,7 +6,8 @@ Uses the config's model (the warm-started tiny model: built first if it is not c
 as medians over interleaved repetitions (this class of machine is noisy; interleaving keeps the
 comparison fair):
   * generation of one AEPO step's rows (prompts x G at T=1 plus as many at T_reg) on one thread:
-    SDPA + transformers' DynamicCache vs eager attention + the preallocated KV cache;
+    SDPA + transformers' DynamicCache, then eager attention + the preallocated KV cache, then also
+    each distinct prompt prefilled once (the default);
   * one learner update on one rank (one thread) of one rank's share of a GRPO batch, rows grouped
     by prompt as the driver sends them: plain forward (rows in order), plain with rows sorted by
     length, and each prompt once (shared prefix, the default);
@@ -53,8 +54,10 @@ def bench_generation(model_path: str, cfg, reps: int) -> list:
     reqs = [EngineRequest(tok(p.prompt)["input_ids"], n=G, temperature=t, max_tokens=cfg.rollout.max_tokens, seed=5)
             for t in (1.0, 1.2) for p in train[:P]]
     engines = {
-        "before: sdpa + DynamicCache": HFEngine(model_path, seed=0, attn_implementation="sdpa", preallocate_kv=False),
-        "now: eager + preallocated KV": HFEngine(model_path, seed=0),
+        "before: sdpa + DynamicCache": HFEngine(
+            model_path, seed=0, attn_implementation="sdpa", preallocate_kv=False, share_prefill=False),
+        "eager + preallocated KV": HFEngine(model_path, seed=0, share_prefill=False),
+        "now: + each prompt prefilled once": HFEngine(model_path, seed=0),
     }
     times: dict[str, list[float]] = {k: [] for k in engines}
     outs = None
@@ -65,7 +68,7 @@ def bench_generation(model_path: str, cfg, reps: int) -> list:
             times[name].append(time.perf_counter() - t)
     print(f"\ngeneration, {len(reqs) * G} rows ({P} prompts x {G} at T=1 and at T=1.2), 1 thread:")
     for name, ts in times.items():
-        print(f"  {name:32s} {med(ts)}")
+        print(f"  {name:34s} {med(ts)}")
     return [(list(r.prompt_ids), o.response_ids) for r, group in zip(reqs[:P], outs[:P]) for o in group]
 
 

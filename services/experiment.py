@@ -111,6 +111,19 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise ValueError(f"{path}: {exc}") from None
 
 
+# Settings that change how fast a run goes, not what it computes (each has a test that the update
+# or the samples are the same either way): left out of the digest, so that adding or flipping one
+# does not orphan finished runs.
+SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix")}
+
+
+def config_digest(cfg: dict) -> str:
+    """The digest that names a run's directory: the validated config without SPEED_ONLY settings."""
+    keyed = {k: ({f: x for f, x in v.items() if f not in SPEED_ONLY.get(k, ())} if isinstance(v, dict) else v)
+             for k, v in cfg.items()}
+    return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: int, root: Path) -> Job:
     """The run config of one (group, target, seed), validated; its digest names its directory."""
     from services.config import TrainConfig, load_config
@@ -131,7 +144,7 @@ def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: 
     )
     base["run_name"] = "x"
     cfg = TrainConfig.model_validate(base).model_dump(mode="json")
-    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    digest = config_digest(cfg)
     t = f"-h{target:g}" if target is not None else ""
     cfg["run_name"] = f"{group.name}{t}-s{seed}"
     cfg["trainer"]["output_dir"] = str(root / "runs" / f"{group.name}{t}-s{seed}-{digest}")

@@ -161,3 +161,37 @@ def test_a_tiny_experiment_runs_end_to_end_and_resumes(tmp_path, tiny_model_path
     assert evals[-1]["step"] == 0 and "eval_pass@4" in evals[-1]  # the base model, at the final-eval settings
     again = subprocess.run(cmd[:-1] + ["--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "0 runs to do" in again.stdout
+
+
+def test_the_committed_toy_claims_runs_are_all_found():
+    """Every run of deploy/experiments/toy_claims.yaml, the best-target groups included, is done in
+    results/toy_claims: a config change that renames the runs (a new setting in the digest) fails here
+    instead of making `--report-only` miss them and a rerun redo an hour of work."""
+    from services.report import best_sweep_target
+
+    spec = load_spec(REPO / "deploy/experiments/toy_claims.yaml")
+    root = REPO / spec.output_dir
+    jobs = expand(spec, root)
+    share_dirs(jobs)
+    best = best_sweep_target(jobs)
+    assert best is not None
+    jobs = expand(spec, root, best_target=best)
+    share_dirs(jobs)
+    missing = [j.name for j in dedupe(jobs) if not is_done(j)]
+    assert len(dedupe(jobs)) >= 20 and not missing
+
+
+def test_the_digest_leaves_out_speed_only_settings_and_nothing_else():
+    from services.config import TrainConfig, load_config
+    from services.experiment import SPEED_ONLY, config_digest
+
+    cfg = load_config(REPO / "deploy/configs/cpu_default.yaml").model_dump(mode="json")
+    flipped = json.loads(json.dumps(cfg))
+    for section, keys in SPEED_ONLY.items():
+        for k in keys:
+            flipped[section][k] = not flipped[section][k] if isinstance(flipped[section][k], bool) else 1
+    assert config_digest(flipped) == config_digest(cfg)
+    other = json.loads(json.dumps(cfg))
+    other["learner"]["lr"] = 2e-4
+    assert config_digest(other) != config_digest(cfg)
+    TrainConfig.model_validate(flipped)  # the flipped config is still a valid one

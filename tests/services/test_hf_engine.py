@@ -161,3 +161,35 @@ def test_a_rollout_service_changes_its_generation_threads(tiny_model_path):
         assert svc.set_threads(1) == 1 and svc.set_threads(0) == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prompt_repeated_across_requests_is_prefilled_once_and_decodes_like_the_reference(
+    tiny_model_path, prompts, tokenizer
+):
+    """Rows of one prompt share its prefill (n samples, and the same prompt in another request):
+    greedy rows still equal the unpadded no-cache reference, and sampled rows differ from each other."""
+    from services.engines import EngineRequest
+    from services.engines.hf import HFEngine
+
+    (_, a), (_, b) = prompts[0], prompts[2]
+    engine = HFEngine(tiny_model_path, seed=0)
+    reqs = [EngineRequest(a, n=3, temperature=0.0, max_tokens=10), EngineRequest(b, n=2, temperature=0.0, max_tokens=10),
+            EngineRequest(a, n=2, temperature=0.0, max_tokens=10), EngineRequest(a, n=6, temperature=1.5, max_tokens=10)]
+    outs = engine.generate(reqs)
+    model = hf_model_with(tiny_model_path)
+    want_a = reference_greedy(model, a, 10, tokenizer.eos_token_id)
+    want_b = reference_greedy(model, b, 10, tokenizer.eos_token_id)
+    assert [o.response_ids for o in outs[0] + outs[2]] == [want_a] * 5
+    assert [o.response_ids for o in outs[1]] == [want_b] * 2
+    assert len({tuple(o.response_ids) for o in outs[3]}) > 1
+
+
+def test_the_shared_prefill_samples_what_one_prefill_per_row_samples(tiny_model_path, prompts):
+    from services.engines import EngineRequest
+    from services.engines.hf import HFEngine
+
+    reqs = [EngineRequest(ids, n=8, temperature=t, max_tokens=12, seed=11) for t in (1.0, 1.3) for _, ids in prompts]
+    shared = HFEngine(tiny_model_path, seed=0)
+    per_row = HFEngine(tiny_model_path, seed=0, share_prefill=False)
+    got = [[o.response_ids for o in outs] for outs in shared.generate(reqs)]
+    assert got == [[o.response_ids for o in outs] for outs in per_row.generate(reqs)]

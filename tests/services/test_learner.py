@@ -180,6 +180,13 @@ def test_every_loss_variant_takes_a_finite_step_on_one_in_process_rank(tiny_mode
         assert stats["reg_loss"] != 0 and stats["reg_tokens"] > 0
 
 
+def assert_same_update(stats_a, weights_a, stats_b, weights_b) -> None:
+    """Two one-rank updates that must agree: weights within 1e-6, losses and entropy stats within 1e-5."""
+    assert max_abs_diff(weights_a, weights_b) < 1e-6
+    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
+        assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-5, abs=1e-7), key
+
+
 def _one_rank_update(path, cfg, algo, batch):
     worker = LearnerWorker(0, 1, path, cfg, algo, seed=0)
     worker.setup("127.0.0.1", free_port())
@@ -199,9 +206,7 @@ def test_fused_scoring_equals_a_separate_scoring_pass(tiny_model_path):
     algo = AEPOConfig(mode="replace", coef=1.0)
     fused, w_fused = _one_rank_update(tiny_model_path, LearnerConfig(**base, fuse_scoring=True), algo, batch)
     plain, w_plain = _one_rank_update(tiny_model_path, LearnerConfig(**base, fuse_scoring=False), algo, batch)
-    assert max_abs_diff(w_fused, w_plain) < 1e-6
-    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
-        assert fused[key] == pytest.approx(plain[key], rel=1e-5, abs=1e-7), key
+    assert_same_update(fused, w_fused, plain, w_plain)
     assert fused["token_entropy"] == pytest.approx(plain["token_entropy"], rel=1e-5)
 
 
@@ -235,10 +240,15 @@ def test_an_unknown_irrelevant_token_is_a_clear_error(tiny_model_path):
 
 def test_two_fsdp_learners_with_fused_scoring_match_the_single_process_update(ray_local, tiny_model_path):
     """The on-policy path (one mini-batch: no separate scoring pass) across 2 ranks, micro-batches of 2."""
-    cfg = CFG.model_copy(update={"mini_batches": 1})
-    batch = make_batch(seed=6)
-    want, want_entropy = reference_update(tiny_model_path, cfg, ALGO, batch)
-    g = LearnerGroup(tiny_model_path, cfg, ALGO, seed=0)
+    stats = assert_group_update_matches_reference(tiny_model_path, CFG.model_copy(update={"mini_batches": 1}), make_batch(seed=6))
+    assert stats["optimizer_steps"] == 1
+
+
+def assert_group_update_matches_reference(model_path, cfg, batch) -> dict:
+    """A fresh 2-rank LearnerGroup's update of `batch` ends at reference_update's weights (1e-5)
+    with its pre-update entropy statistics; returns the group's stats."""
+    want, want_entropy = reference_update(model_path, cfg, ALGO, batch)
+    g = LearnerGroup(model_path, cfg, ALGO, seed=0)
     try:
         stats = g.update(batch)
         got = g.get_full_state_dict()
@@ -247,7 +257,7 @@ def test_two_fsdp_learners_with_fused_scoring_match_the_single_process_update(ra
     assert max_abs_diff(got, want) < 1e-5
     for key, value in want_entropy.items():
         assert stats[key] == pytest.approx(value, abs=1e-5), key
-    assert stats["optimizer_steps"] == 1
+    return stats
 
 
 @pytest.mark.parametrize("bucket_bytes", [1, 200_000, 1 << 30])  # one parameter per bucket, a few, all in one
@@ -295,9 +305,7 @@ def test_sorting_rows_by_length_leaves_the_update_unchanged(tiny_model_path):
     algo = AEPOConfig(mode="replace", coef=1.0)
     a, wa = _one_rank_update(tiny_model_path, LearnerConfig(**base, sort_by_length=True), algo, batch)
     b, wb = _one_rank_update(tiny_model_path, LearnerConfig(**base, sort_by_length=False), algo, batch)
-    assert max_abs_diff(wa, wb) < 1e-6
-    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert_same_update(a, wa, b, wb)
     assert [x is None for x in a["entropy_by_position"]] == [x is None for x in b["entropy_by_position"]]
     assert [x for x in a["entropy_by_position"] if x is not None] == pytest.approx(
         [x for x in b["entropy_by_position"] if x is not None], rel=1e-5)
@@ -375,23 +383,12 @@ def test_the_shared_prefix_update_equals_the_plain_one(tiny_model_path):
     algo = AEPOConfig(mode="replace", coef=1.0)
     a, wa = _one_rank_update(tiny_model_path, LearnerConfig(**base, share_prefix=True), algo, batch)
     b, wb = _one_rank_update(tiny_model_path, LearnerConfig(**base, share_prefix=False), algo, batch)
-    assert max_abs_diff(wa, wb) < 1e-6
-    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+    assert_same_update(a, wa, b, wb)
 
 
 def test_two_fsdp_learners_sharing_prompts_match_the_single_process_update(ray_local, tiny_model_path):
     """FSDP2 with two forwards (prompts, then responses on their cache) per micro-batch, 2 ranks,
     2 mini-batches: the same weights and entropy as the plain single-process update."""
-    batch = make_grouped_batch(groups=3, g=4, n_reg=2, seed=4)
     assert CFG.share_prefix
-    want, want_entropy = reference_update(tiny_model_path, CFG, ALGO, batch)
-    g = LearnerGroup(tiny_model_path, CFG, ALGO, seed=0)
-    try:
-        stats = g.update(batch)
-        got = g.get_full_state_dict()
-    finally:
-        g.shutdown()
-    assert max_abs_diff(got, want) < 1e-5
-    for key, value in want_entropy.items():
-        assert stats[key] == pytest.approx(value, abs=1e-5), key
+    stats = assert_group_update_matches_reference(tiny_model_path, CFG, make_grouped_batch(groups=3, g=4, n_reg=2, seed=4))
+    assert stats["optimizer_steps"] == 2
