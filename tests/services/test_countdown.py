@@ -4,6 +4,8 @@ import random
 import re
 from fractions import Fraction
 
+import pytest
+
 from services.countdown import Problem, format_answer, make_splits, sample_problem, solutions, warm_start_answer
 
 
@@ -80,3 +82,30 @@ def test_problems_have_targets_in_1_to_99_and_splits_are_disjoint():
     train, held_out = make_splits(2000, 100, seed=0)
     assert len(train) == 2000 and len(held_out) == 100
     assert not {p.key for p in train} & {p.key for p in held_out}
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2, 3])
+def test_the_warm_starts_micro_batched_backward_is_the_plain_loss_and_gradient(tiny_model_path, micro_batches):
+    """Length-sorted micro-batches, each cut to its own longest row: the same token-mean answer
+    loss as the model's own `labels=` loss over the whole padded batch, and the same gradient."""
+    import random
+
+    import torch
+
+    from services.countdown import make_splits
+    from services.model import load_causal_lm, load_tokenizer
+    from services.warmstart import sft_backward, sft_batch
+
+    tok = load_tokenizer(tiny_model_path)
+    train, _ = make_splits(200, 10, 0)
+    ids, lab, att = sft_batch(train, tok, 12, random.Random(3), space_prob=0.5)
+    assert len(set(att.sum(1).tolist())) > 2  # rows of several lengths
+    model = load_causal_lm(tiny_model_path).train()
+    want = model(input_ids=ids, attention_mask=att, labels=lab).loss
+    want.backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    got = sft_backward(model, ids, lab, att, micro_batches)
+    assert got == pytest.approx(float(want), rel=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, want_grads[n], atol=1e-6, rtol=1e-4), n
