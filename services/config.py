@@ -288,6 +288,12 @@ class LearnerConfig(_Strict):
         "prompt's KV cache (a GRPO group of G shares its prompt): same logits at every response position, "
         "less work. Needs transformers' layered cache (5.x); off with gradient checkpointing.",
     )
+    cpu_compute: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32",
+        description="On CPU, the dtype of the decoder layers' matmuls: bfloat16 runs each layer under torch.autocast "
+        "(weights, optimizer, residual stream, head, losses and entropies stay float32); auto = bfloat16 where the "
+        "CPU has AMX-BF16 (several times the float32 matmul speed), else float32. Ignored on GPU.",
+    )
     entropy_analysis: EntropyAnalysisConfig = Field(default_factory=EntropyAnalysisConfig)
 
 
@@ -349,6 +355,12 @@ class WarmStartSettings(_Strict):
     lr: float = Field(1e-3, gt=0.0, description="SFT AdamW learning rate.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (gloo).")
     seed: int = Field(0, description="Seed of the SFT data order.")
+    cpu_compute: Literal["float32", "bfloat16", "auto"] = Field(
+        "float32",
+        description="On CPU, the dtype of the decoder layers' matmuls: bfloat16 runs each layer under torch.autocast "
+        "(weights, optimizer, residual stream, head, losses and entropies stay float32); auto = bfloat16 where the "
+        "CPU has AMX-BF16 (several times the float32 matmul speed), else float32. Ignored on GPU.",
+    )
 
 
 class TrainConfig(_Strict):

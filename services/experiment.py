@@ -115,11 +115,21 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 # or the samples are the same either way): left out of the digest, so that adding or flipping one
 # does not orphan finished runs.
 SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix")}
+# Settings that do change what a run computes, added after runs were made: at the value that
+# reproduces the earlier behaviour they are left out of the digest too (so those runs keep their
+# names); at any other value they name a different run.
+LEGACY_DEFAULTS = {"learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"}}
 
 
 def config_digest(cfg: dict) -> str:
-    """The digest that names a run's directory: the validated config without SPEED_ONLY settings."""
-    keyed = {k: ({f: x for f, x in v.items() if f not in SPEED_ONLY.get(k, ())} if isinstance(v, dict) else v)
+    """The digest that names a run's directory: the validated config without SPEED_ONLY settings
+    and without LEGACY_DEFAULTS settings at their legacy value."""
+
+    def keep(section: str, field: str, value) -> bool:
+        legacy = LEGACY_DEFAULTS.get(section, {})
+        return field not in SPEED_ONLY.get(section, ()) and not (field in legacy and legacy[field] == value)
+
+    keyed = {k: ({f: x for f, x in v.items() if keep(k, f, x)} if isinstance(v, dict) else v)
              for k, v in cfg.items()}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
 

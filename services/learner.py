@@ -633,15 +633,23 @@ def build_fsdp_model(model_path: str, cfg: LearnerConfig, device: torch.device, 
     """Load the HF model in float32 and shard it with FSDP2: each decoder layer, then the root.
 
     On GPU, parameters are cast to bf16 for compute and gradients reduced in float32
-    (MixedPrecisionPolicy); on CPU everything stays float32. The root group holds the
+    (MixedPrecisionPolicy). On CPU parameters, gradients and optimizer stay float32; with
+    `cpu_compute` bfloat16 (or auto on an AMX CPU) the decoder layers run under bf16 autocast
+    (services/precision.py). The root group holds the
     embedding and the (tied) lm_head together, so tying survives sharding.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from services.model import load_causal_lm
+    from services.precision import autocast_layers, decoder_layers, resolve_cpu_compute
 
     torch.manual_seed(seed)
-    model = load_causal_lm(model_path, dtype=torch.float32, device=str(device))
+    cpu_bf16 = device.type == "cpu" and resolve_cpu_compute(cfg.cpu_compute) == "bfloat16"
+    # eager attention under bf16 autocast: SDPA's CPU kernel is slower in bf16 than eager's two matmuls
+    model = load_causal_lm(model_path, dtype=torch.float32, device=str(device),
+                           attn_implementation="eager" if cpu_bf16 else "sdpa")
+    if cpu_bf16:
+        autocast_layers(decoder_layers(model))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     mp = (
@@ -649,18 +657,10 @@ def build_fsdp_model(model_path: str, cfg: LearnerConfig, device: torch.device, 
         if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
-
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (model.model.layers for Qwen/Llama-style HF models)."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__}: no model.layers to shard; only the root would be")
-    return list(layers)
 
 
 def _token_ids(model_path: str, tokens: Sequence[str]) -> list[int]:

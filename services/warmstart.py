@@ -27,7 +27,14 @@ _MARKER = "aepo_warmstart.json"
 
 
 def warmstart_hash(base_marker: str, data: dict, cfg: WarmStartSettings) -> str:
-    payload = {"base": base_marker, "data": data, "cfg": cfg.model_dump(mode="json"), "format": 1}
+    """Names the warm model's directory. `cfg.cpu_compute` must be resolved (not "auto"); at its
+    float32 default it is left out, so models cached before the setting existed are found again."""
+    if cfg.cpu_compute == "auto":
+        raise ValueError("resolve cpu_compute before hashing: 'auto' names a different model on each CPU kind")
+    settings = cfg.model_dump(mode="json")
+    if settings["cpu_compute"] == "float32":
+        del settings["cpu_compute"]
+    payload = {"base": base_marker, "data": data, "cfg": settings, "format": 1}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -100,13 +107,18 @@ def _train_loop(config: dict) -> None:
     from services.countdown import make_splits
     from services.learner import make_adamw
     from services.model import load_causal_lm, load_tokenizer
+    from services.precision import autocast_layers, decoder_layers
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
     tokenizer = load_tokenizer(config["base_path"])
-    model = load_causal_lm(config["base_path"]).train()
+    bf16 = config.get("cpu_compute") == "bfloat16"
+    # bf16 autocast per decoder layer (services/precision.py); eager attention, faster than SDPA in bf16
+    model = load_causal_lm(config["base_path"], attn_implementation="eager" if bf16 else "sdpa").train()
+    if bf16:
+        autocast_layers(decoder_layers(model))
     model = ray.train.torch.prepare_model(model)
     opt = make_adamw(model.parameters(), lr=config["lr"])
     train, _ = make_splits(config["num_train"], config["num_eval"], config["data_seed"])
@@ -146,8 +158,12 @@ def warm_start(
     Reuses an earlier result with the same hash. Joins the caller's Ray cluster, or starts a local one.
     `progress(step, total, loss)` is called as reports arrive (for a progress bar).
     """
+    from services.precision import resolve_cpu_compute
+
     base_path = Path(base_path)
     base_marker = _read(base_path / "aepo_tiny.json") or str(base_path)
+    # "auto" is decided here, on the driver's machine (the embedded default runs on one node)
+    cfg = cfg.model_copy(update={"cpu_compute": resolve_cpu_compute(cfg.cpu_compute)})
     data = {k: getattr(data_cfg, k) for k in ("num_train", "num_eval", "space_prob", "seed")}
     digest = warmstart_hash(base_marker, data, cfg)
     out_dir = Path(out_root) / f"warm-{digest}"
@@ -181,7 +197,7 @@ def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartSettings) -> dict
         train_loop_config={
             "base_path": str(base_path), "out_tmp": str(tmp), "steps": cfg.steps, "batch_size": cfg.batch_size,
             "lr": cfg.lr, "seed": cfg.seed, "num_train": data["num_train"], "num_eval": data["num_eval"],
-            "data_seed": data["seed"], "space_prob": data["space_prob"],
+            "data_seed": data["seed"], "space_prob": data["space_prob"], "cpu_compute": cfg.cpu_compute,
         },
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),

@@ -195,3 +195,25 @@ def test_the_digest_leaves_out_speed_only_settings_and_nothing_else():
     other["learner"]["lr"] = 2e-4
     assert config_digest(other) != config_digest(cfg)
     TrainConfig.model_validate(flipped)  # the flipped config is still a valid one
+
+
+def test_a_new_setting_at_its_legacy_value_keeps_the_digest_and_names_a_new_run_otherwise():
+    """cpu_compute came after the committed runs: float32 (what they computed in) is left out of
+    the digest, exactly as if the field did not exist; bfloat16 or auto are different runs."""
+    from services.config import load_config
+    from services.experiment import LEGACY_DEFAULTS, config_digest
+
+    cfg = load_config(REPO / "deploy/configs/cpu_default.yaml").model_dump(mode="json")
+    legacy = json.loads(json.dumps(cfg))
+    for section, fields in LEGACY_DEFAULTS.items():
+        legacy[section].update(fields)
+    absent = json.loads(json.dumps(legacy))
+    for section, fields in LEGACY_DEFAULTS.items():
+        for f in fields:
+            del absent[section][f]
+    assert config_digest(legacy) == config_digest(absent)
+    for section in ("learner", "warm_start"):
+        for value in ("bfloat16", "auto"):
+            other = json.loads(json.dumps(legacy))
+            other[section]["cpu_compute"] = value
+            assert config_digest(other) != config_digest(legacy), (section, value)
