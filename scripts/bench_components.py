@@ -10,7 +10,10 @@ comparison fair):
     each distinct prompt prefilled once (the default);
   * one learner update on one rank (one thread) of one rank's share of a GRPO batch, rows grouped
     by prompt as the driver sends them: plain forward (rows in order), plain with rows sorted by
-    length, and each prompt once (shared prefix, the default);
+    length, each prompt once (shared prefix), and each prompt once with the decoder layers in bf16
+    (cpu_compute bfloat16, what `auto` picks on an AMX CPU);
+  * one warm-start SFT step of one worker (one thread, half of the batch of 256): float32 + SDPA,
+    float32 + eager attention, bf16 layers + eager attention;
   * the full-weight gather of a 2-rank FSDP2 group (gloo): torch's get_model_state_dict vs the
     flat bucketed all-gather.
 """
@@ -78,7 +81,7 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
     import torch
 
     from services.config import AEPOConfig
-    from services.learner import LearnerWorker, TrainBatch, shard_batch
+    from services.learner import LearnerWorker, TrainBatch, build_fsdp_model, make_adamw, shard_batch
 
     rng = random.Random(0)
     batch = TrainBatch.from_sequences([p for p, _ in rows], [r for _, r in rows], [rng.gauss(0, 1) for _ in rows],
@@ -87,15 +90,20 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
     lcfg = cfg.learner.model_copy(update={"num_workers": 1, "cpus_per_worker": 1, "lr": 1e-7})
     worker = LearnerWorker(0, 1, model_path, lcfg, AEPOConfig(mode="replace"), seed=0)
     worker.setup("127.0.0.1", free_port())
+    f32 = (worker.model, worker.optimizer)
+    bcfg = lcfg.model_copy(update={"cpu_compute": "bfloat16"})
+    bmodel = build_fsdp_model(model_path, bcfg, torch.device("cpu"))
+    bf16 = (bmodel, make_adamw(bmodel.parameters(), lr=bcfg.lr))
     modes = {
-        "plain forward, rows in order": (False, lcfg.model_copy(update={"sort_by_length": False})),
-        "plain forward, sorted by length": (False, lcfg.model_copy(update={"sort_by_length": True})),
-        "each prompt once (default)": (True, lcfg),
+        "plain forward, rows in order": (f32, False, lcfg.model_copy(update={"sort_by_length": False})),
+        "plain forward, sorted by length": (f32, False, lcfg.model_copy(update={"sort_by_length": True})),
+        "each prompt once, float32": (f32, True, lcfg),
+        "each prompt once, bf16 layers": (bf16, True, bcfg),
     }
     times: dict[str, list[float]] = {k: [] for k in modes}
     for _ in range(reps):
-        for name, (share, c) in modes.items():
-            worker._share_prefix, worker.cfg = share, c
+        for name, ((model, opt), share, c) in modes.items():
+            worker.model, worker.optimizer, worker._share_prefix, worker.cfg = model, opt, share, c
             t = time.perf_counter()
             worker.update(shard)
             times[name].append(time.perf_counter() - t)
@@ -104,6 +112,44 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
     for name, ts in times.items():
         print(f"  {name:32s} {med(ts)}")
     torch.set_num_threads(1)
+
+
+def bench_sft(model_path: str, cfg, reps: int) -> None:
+    import random
+
+    import torch
+
+    from services.countdown import make_splits
+    from services.learner import make_adamw
+    from services.model import load_causal_lm, load_tokenizer
+    from services.precision import autocast_layers, decoder_layers
+    from services.warmstart import SFT_MICRO_BATCHES, sft_backward, sft_batch
+
+    torch.set_num_threads(1)
+    tok = load_tokenizer(model_path)
+    train, _ = make_splits(cfg.data.num_train, cfg.data.num_eval, cfg.data.seed)
+    per_worker = cfg.warm_start.batch_size // cfg.warm_start.num_workers
+    rng = random.Random(0)
+    batches = [sft_batch(train, tok, per_worker, rng, cfg.data.space_prob) for _ in range(reps)]
+    variants = {}
+    for name, attn, bf16 in (("float32 + SDPA", "sdpa", False), ("float32 + eager", "eager", False),
+                             ("bf16 layers + eager", "eager", True)):
+        model = load_causal_lm(model_path, attn_implementation=attn).train()
+        if bf16:
+            autocast_layers(decoder_layers(model))
+        variants[name] = (model, make_adamw(model.parameters(), lr=1e-7))
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for batch in batches:
+        for name, (model, opt) in variants.items():
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            sft_backward(model, *batch, SFT_MICRO_BATCHES)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            times[name].append(time.perf_counter() - t)
+    print(f"\nwarm-start SFT step, one worker's {per_worker} rows, 1 thread:")
+    for name, ts in times.items():
+        print(f"  {name:32s} {med(ts)}")
 
 
 def _gather_worker(rank: int, world: int, model_path: str, port: int, reps: int, out) -> None:
@@ -167,6 +213,7 @@ def main() -> None:
     print(f"model: {model_path}")
     rows = bench_generation(model_path, cfg, args.reps)
     bench_learner(model_path, cfg, rows, args.reps)
+    bench_sft(model_path, cfg, args.reps)
     bench_gather(model_path, args.reps)
 
 

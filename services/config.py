@@ -288,6 +288,13 @@ class LearnerConfig(_Strict):
         "prompt's KV cache (a GRPO group of G shares its prompt): same logits at every response position, "
         "less work. Needs transformers' layered cache (5.x); off with gradient checkpointing.",
     )
+    hold_full_params: bool | None = Field(
+        None,
+        description="Keep each layer's full parameters from the first forward of an optimizer step to its last "
+        "backward: one all-gather and one reduce-scatter per layer per step, instead of an all-gather for every "
+        "forward and backward of every micro-batch (each one a point where the ranks wait for each other). Costs "
+        "the full model's memory on every rank. None = on for CPU learners (small models), off on GPU.",
+    )
     cpu_compute: Literal["float32", "bfloat16", "auto"] = Field(
         "float32",
         description="On CPU, the dtype of the decoder layers' matmuls: bfloat16 runs each layer under torch.autocast "

@@ -291,6 +291,7 @@ class LearnerWorker:
         self.irrelevant_ids = _token_ids(self.model_path, self.cfg.entropy_analysis.irrelevant_tokens or [])
         # the prompt-once forward feeds a KV cache with gradients; checkpointed layers drop caches
         self._share_prefix = self.cfg.share_prefix and not self.cfg.gradient_checkpointing and _layered_cache()
+        self._hold = hold_full_params(self.cfg, self.device)
         self.vocab_size = int(self.model.config.vocab_size)
 
     # ------------------------------------------------------------------ forward passes
@@ -343,6 +344,7 @@ class LearnerWorker:
         """log π_T(tokens[:, t] | tokens[:, <t]) as [B, L]; column 0 (nothing predicts it) is 0."""
         self.model.eval()
         logp, _, _ = self._score(shard.to(self.device), temperature, with_entropy=False, all_positions=True)
+        self._reshard()
         return torch.nn.functional.pad(logp, (1, 0)).cpu()
 
     # ------------------------------------------------------------------ the update
@@ -387,9 +389,20 @@ class LearnerWorker:
                 step_stats = self._train_minibatch(batch.select(rows), old_logp[rows])
                 for key, v in step_stats.items():
                     totals[key] = totals.get(key, 0.0) + v
+        self._reshard()
         elapsed = time.perf_counter() - t0
         stats.update(_finish_stats(totals, M, elapsed))
         return stats
+
+    def _reshard(self) -> None:
+        """Back to the sharded parameters (no-op when they are): a forward with no backward after it
+        (scoring, a step with no loss tokens) leaves held parameters unsharded."""
+        if self._hold:
+            from torch.distributed.fsdp import FSDPModule
+
+            for module in self.model.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     @staticmethod
     def _publish(controller_name: str, step: int | None, stats: dict[str, float]) -> None:
@@ -468,6 +481,8 @@ class LearnerWorker:
             if hasattr(self.model, "set_requires_gradient_sync"):
                 # reduce-scatter gradients once per optimizer step, not once per micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
+                if self._hold:  # and all-gather the parameters once: reshard after the last backward only
+                    self.model.set_reshard_after_backward(i == len(micro) - 1)
             rows = slice(i * cfg.micro_batch_size, i * cfg.micro_batch_size + len(mb))
             logits, width = self._logits(mb)
             logp, ent = alg.token_logprobs_and_entropy(
@@ -657,10 +672,16 @@ def build_fsdp_model(model_path: str, cfg: LearnerConfig, device: torch.device, 
         if device.type == "cuda"
         else MixedPrecisionPolicy()
     )
+    hold = hold_full_params(cfg, device)
     for layer in decoder_layers(model):
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(layer, mp_policy=mp, reshard_after_forward=not hold)
+    fully_shard(model, mp_policy=mp, reshard_after_forward=not hold)
     return model
+
+
+def hold_full_params(cfg: LearnerConfig, device: torch.device) -> bool:
+    """`cfg.hold_full_params`, with None meaning: on CPU yes, on GPU no."""
+    return device.type == "cpu" if cfg.hold_full_params is None else cfg.hold_full_params
 
 
 def _token_ids(model_path: str, tokens: Sequence[str]) -> list[int]:
@@ -772,6 +793,12 @@ class LearnerGroup:
         `publish_to`: the entropy controller's actor name; rank 0 publishes the step's entropy there.
         """
         batch = self._as_batch(batch)
+        if self.cfg.share_prefix:
+            # Rows of one prompt side by side before the contiguous split (a permutation inside each
+            # mini-batch, so the update is the same): each prompt's rows, the regularizer samples of
+            # that prompt included, go to one rank, which runs the prompt once; every rank then holds
+            # whole groups of the same kind and about the same work, so neither waits at the collectives.
+            batch = batch.select(prompt_order(batch, self.cfg.mini_batches))
         shards = shard_batch(batch, self.world_size, self.cfg.mini_batches)
         n = self.world_size
         return self._fan_out("update", shards, [step] * n, [publish_to] * n)[0]

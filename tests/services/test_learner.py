@@ -392,3 +392,29 @@ def test_two_fsdp_learners_sharing_prompts_match_the_single_process_update(ray_l
     assert CFG.share_prefix
     stats = assert_group_update_matches_reference(tiny_model_path, CFG, make_grouped_batch(groups=3, g=4, n_reg=2, seed=4))
     assert stats["optimizer_steps"] == 2
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_holding_the_full_parameters_for_the_step_or_not_gives_the_reference_update(ray_local, tiny_model_path, hold):
+    """hold_full_params (on by default on CPU: one all-gather and one reduce-scatter per layer per
+    optimizer step) and the per-forward resharding both end at the reference weights, over 2
+    mini-batches of several micro-batches; the weight gather and the scoring pass after the update
+    see sharded parameters again either way."""
+    cfg = CFG.model_copy(update={"hold_full_params": hold})
+    batch = make_grouped_batch(groups=3, g=4, n_reg=2, seed=7)
+    assert_group_update_matches_reference(tiny_model_path, cfg, batch)
+    g = LearnerGroup(tiny_model_path, cfg, ALGO, seed=0)
+    try:
+        before = g.compute_logprobs(batch)
+        g.update(batch)
+        after = g.compute_logprobs(batch)
+        weights = g.get_full_state_dict()
+    finally:
+        g.shutdown()
+    want = hf_model_with(tiny_model_path, weights)
+    with torch.no_grad():
+        ref = alg.token_logprobs(want(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits[:, :-1],
+                                 batch.tokens[:, 1:])
+    mask = batch.attention_mask[:, 1:].bool()
+    assert float((after[:, 1:] - ref).abs()[mask].max()) < 1e-5
+    assert float((after[:, 1:] - before[:, 1:]).abs()[mask].max()) > 1e-6  # the update moved them
