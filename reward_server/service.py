@@ -69,7 +69,7 @@ class VerifyService:
         deferred = await asyncio.to_thread(self._decide_inline, items, verdicts, done_at)
         if deferred:
             await self._decide_deferred(items, deferred, verdicts, done_at, deadline)
-        return [self._result(item, verdicts[i], done_at[i] - t0) for i, item in enumerate(items)]
+        return self._results(items, verdicts, [d - t0 for d in done_at])
 
     def _decide_inline(self, items: list[VerifyItem], verdicts: list, done_at: list) -> list[_Pending]:
         deferred = []
@@ -121,19 +121,32 @@ class VerifyService:
         await asyncio.gather(*(one(p) for p in misses))
         await self.cache.put_many({p.key: verdicts[p.index] for p in misses})
 
-    def _result(self, item: VerifyItem, verdict: Verdict | None, elapsed: float) -> VerifyResult:
-        if verdict is None:  # cannot happen; a 500 would be worse than an honest error verdict
-            verdict = error("internal: no verdict")
-        task_label = item.task if get_verifier(item.task) is not None else "unknown"
-        self.metrics.items.labels(task_label, verdict.outcome).inc()
-        self.metrics.verify_seconds.labels(task_label).observe(max(elapsed, 0.0))
-        return VerifyResult(
-            id=item.id,
-            reward=1 if verdict.outcome == "correct" else 0,
-            outcome=verdict.outcome,  # type: ignore[arg-type]
-            detail=verdict.detail,
-            elapsed_s=round(max(elapsed, 0.0), 6),
-        )
+    def _results(self, items: list[VerifyItem], verdicts: list, elapsed: list[float]) -> list[VerifyResult]:
+        """One result per item, in order. The item counter moves once per (task, outcome) and each
+        task's histogram child is looked up once: per-item label lookups were a fifth of a
+        512-item request's server time."""
+        counts: dict[tuple[str, str], int] = {}
+        labels: dict[str, str] = {}
+        observe: dict[str, Any] = {}
+        out = []
+        for item, verdict, secs in zip(items, verdicts, elapsed):
+            if verdict is None:  # cannot happen; a 500 would be worse than an honest error verdict
+                verdict = error("internal: no verdict")
+            task = labels.get(item.task)
+            if task is None:
+                task = labels[item.task] = item.task if get_verifier(item.task) is not None else "unknown"
+                observe[task] = self.metrics.verify_seconds.labels(task).observe
+            counts[(task, verdict.outcome)] = counts.get((task, verdict.outcome), 0) + 1
+            secs = max(secs, 0.0)
+            observe[task](secs)
+            # model_construct: every field is already of its type (validating 512 of them cost ~2 ms)
+            out.append(VerifyResult.model_construct(
+                id=item.id, reward=1 if verdict.outcome == "correct" else 0, outcome=verdict.outcome,
+                detail=verdict.detail, elapsed_s=round(secs, 6),
+            ))
+        for (task, outcome), n in counts.items():
+            self.metrics.items.labels(task, outcome).inc(n)
+        return out
 
 
 def _fast_path(verifier: Verifier, response: str, reference: Any) -> Verdict | None:

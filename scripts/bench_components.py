@@ -15,7 +15,10 @@ comparison fair):
   * one warm-start SFT step of one worker (one thread, half of the batch of 256): float32 + SDPA,
     float32 + eager attention, bf16 layers + eager attention;
   * the full-weight gather of a 2-rank FSDP2 group (gloo): torch's get_model_state_dict vs the
-    flat bucketed all-gather.
+    flat bucketed all-gather;
+  * the weight sync through Ray as the driver runs it (the config's learner group and one rollout
+    actor): the learners' return of the state dict and the rollout actor's load, with the tensors
+    pickled (before) and as numpy arrays (now, services/weights.py).
 """
 
 from __future__ import annotations
@@ -199,6 +202,44 @@ def bench_gather(model_path: str, reps: int) -> None:
         print(f"  {name:32s} {statistics.median(ts[1:]) * 1000:.1f} ms")
 
 
+def bench_ray_sync(model_path: str, cfg, reps: int) -> None:
+    import ray
+
+    from services.learner import LearnerGroup
+    from services.rollout import RolloutPool
+    from services.system import init_ray, learner_config
+
+    init_ray(num_cpus=4, quiet=True)
+    group = LearnerGroup(model_path, learner_config(cfg), cfg.algorithm, seed=0)
+    pool = RolloutPool(model_path, cfg.rollout, seed=0)
+
+    def pickled_ref():  # what state_dict_ref did before: the tensors themselves
+        refs = [w.full_state_dict.remote() for w in group.workers]
+        ray.get(refs[1:])
+        ray.wait(refs[:1])
+        return refs[0]
+
+    ways = {"before: tensors pickled": pickled_ref, "now: numpy arrays": group.state_dict_ref}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
+    version = 0
+    try:
+        for _ in range(reps):
+            for name, ref_of in ways.items():
+                version += 1
+                t = time.perf_counter()
+                ref = ref_of()
+                t1 = time.perf_counter()
+                pool.load_weights(version, ref)
+                times[name].append((t1 - t, time.perf_counter() - t1))
+    finally:
+        group.shutdown()
+        pool.shutdown()
+    print("\nweight sync through Ray (2 learner ranks -> 1 rollout actor), medians:")
+    for name, ts in times.items():
+        g, l = (statistics.median(x[i] for x in ts[1:]) * 1000 for i in (0, 1))
+        print(f"  {name:26s} learners' return {g:.1f} ms, rollout load {l:.1f} ms, total {g + l:.1f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="deploy/configs/cpu_default.yaml")
@@ -215,6 +256,7 @@ def main() -> None:
     bench_learner(model_path, cfg, rows, args.reps)
     bench_sft(model_path, cfg, args.reps)
     bench_gather(model_path, args.reps)
+    bench_ray_sync(model_path, cfg, args.reps)
 
 
 if __name__ == "__main__":

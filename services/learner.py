@@ -548,6 +548,12 @@ class LearnerWorker:
             sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return sd if self.rank == 0 else None
 
+    def full_state_dict_wire(self) -> dict | None:
+        """`full_state_dict` as numpy arrays for Ray to ship zero-copy (services/weights.py)."""
+        from services.weights import to_wire
+
+        return to_wire(self.full_state_dict())
+
     def save_checkpoint(self, path: str) -> None:
         """Sharded model + optimizer state with torch.distributed.checkpoint (every rank writes its shard)."""
         import torch.distributed.checkpoint as dcp
@@ -815,16 +821,18 @@ class LearnerGroup:
         `RolloutPool.load_weights` so Ray ships it to every rollout actor from the object store."""
         import ray
 
-        refs = [w.full_state_dict.remote() for w in self.workers]
+        refs = [w.full_state_dict_wire.remote() for w in self.workers]
         ray.get(refs[1:])  # the others only take part in the gather
         ray.wait(refs[:1])
         return refs[0]
 
     def get_full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full state dict itself (tests, export)."""
+        """The full state dict itself (tests, export): tensors of their own (writable)."""
         import ray
 
-        return ray.get(self.state_dict_ref())
+        from services.weights import from_wire
+
+        return {k: v.clone() for k, v in from_wire(ray.get(self.state_dict_ref())).items()}
 
     def save_checkpoint(self, path: str) -> None:
         """Sharded model + optimizer state under `path` (a directory every worker can reach)."""

@@ -152,9 +152,12 @@ class RolloutService:
             raise ValueError(f"vLLM rejects temperature {temperature} > {VLLM_MAX_TEMPERATURE}")
 
     def load_weights(self, version: int, weights: dict) -> dict[str, float]:
-        """Swap in the learner's weights (HF state-dict names); returns {'sync_s', 'policy_version'}."""
+        """Swap in the learner's weights (HF state-dict names; tensors, or the numpy arrays
+        `LearnerGroup.state_dict_ref` ships); returns {'sync_s', 'policy_version'}."""
+        from services.weights import from_wire
+
         t0 = time.perf_counter()
-        self.engine.load_weights(weights)
+        self.engine.load_weights(from_wire(weights))
         self.version = int(version)
         return {"sync_s": time.perf_counter() - t0, "policy_version": float(self.version)}
 

@@ -83,3 +83,26 @@ def test_after_a_sync_the_engines_decode_like_the_learners_model(pool, group, pr
     direct = torch.log_softmax(logits[:, :-1], -1).gather(-1, probe.tokens[:, 1:, None])[..., 0]
     resp = probe.response_mask[:, 1:].bool()
     assert float((got[:, 1:] - direct)[resp].abs().max()) < 1e-5
+
+
+def test_state_dicts_cross_the_wire_as_numpy_and_come_back_bit_for_bit():
+    """to_wire: CPU tensors become numpy views (no copy), bf16 (no numpy twin) stays a tensor;
+    from_wire gives the same values and dtypes back, also from read-only buffers like Ray's."""
+    import numpy as np
+
+    from services.weights import from_wire, to_wire
+
+    state = {
+        "w": torch.randn(5, 3), "b": torch.arange(4, dtype=torch.int64), "h": torch.randn(2, dtype=torch.float16),
+        "bf": torch.randn(3).to(torch.bfloat16), "t": torch.randn(4, 2).t(),  # non-contiguous
+    }
+    wire = to_wire(state)
+    assert isinstance(wire["w"], np.ndarray) and np.shares_memory(wire["w"], state["w"].numpy())
+    assert isinstance(wire["bf"], torch.Tensor)
+    for v in wire.values():  # the object store hands out read-only views
+        if isinstance(v, np.ndarray):
+            v.setflags(write=False)
+    back = from_wire(wire)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    assert to_wire(None) is None
