@@ -90,7 +90,7 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
     batch = TrainBatch.from_sequences([p for p, _ in rows], [r for _, r in rows], [rng.gauss(0, 1) for _ in rows],
                                       [False] * len(rows), pad_id=0)
     shard = shard_batch(batch, cfg.learner.num_workers, 1)[0]
-    lcfg = cfg.learner.model_copy(update={"num_workers": 1, "cpus_per_worker": 1, "lr": 1e-7})
+    lcfg = cfg.learner.model_copy(update={"num_workers": 1, "cpus_per_worker": 1, "lr": 1e-7, "cpu_compute": "float32"})
     worker = LearnerWorker(0, 1, model_path, lcfg, AEPOConfig(mode="replace"), seed=0)
     worker.setup("127.0.0.1", free_port())
     f32 = (worker.model, worker.optimizer)
