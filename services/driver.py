@@ -423,7 +423,8 @@ class Trainer:
                 bar.close()
         rows = self.log.rows()
         evals = self.eval_log.rows()
-        extra = {"run_name": self.cfg.run_name, "output_dir": str(self.output_dir), "resumed": resumed}
+        extra = {"run_name": self.cfg.run_name, "output_dir": str(self.output_dir), "resumed": resumed,
+                 "learner_compute": getattr(self.parts.learner, "compute", None)}
         if evals:
             extra["eval_before"] = before or evals[0]
             extra["eval_after"] = evals[-1]

@@ -294,6 +294,14 @@ class LearnerWorker:
         self._hold = hold_full_params(self.cfg, self.device)
         self.vocab_size = int(self.model.config.vocab_size)
 
+    def compute_info(self) -> dict[str, str]:
+        """What this rank computes in: device, the decoder layers' matmul dtype (`cpu_compute`
+        as resolved on this node, or FSDP's bf16 mixed precision on GPU), parameters float32."""
+        from services.precision import resolve_cpu_compute
+
+        layers = "bfloat16" if self.device.type == "cuda" else resolve_cpu_compute(self.cfg.cpu_compute)
+        return {"device": self.device.type, "layers": layers, "params": "float32"}
+
     # ------------------------------------------------------------------ forward passes
 
     def _logits(self, batch: TrainBatch, all_positions: bool = False) -> tuple[torch.Tensor, int]:
@@ -778,6 +786,7 @@ class LearnerGroup:
         # port that is free there
         addr, port = ray.get(self.workers[0].master_address.remote())
         ray.get([w.setup.remote(addr, port) for w in self.workers])
+        self.compute = ray.get(self.workers[0].compute_info.remote())
 
     def _fan_out(self, method: str, *per_rank_args) -> list[Any]:
         import ray

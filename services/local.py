@@ -77,6 +77,7 @@ class LocalLearner:
 
     def __init__(self, worker, pad_id: int, controller: LocalController) -> None:
         self.worker, self.pad_id, self.controller = worker, pad_id, controller
+        self.compute = worker.compute_info()  # device and precision, for the run summary
 
     def update(self, batch: dict, step: int) -> dict:
         from services.learner import TrainBatch

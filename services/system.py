@@ -145,6 +145,7 @@ def driver_stats(stats: dict) -> dict:
 class LearnerAdapter:
     def __init__(self, group, controller_name: str):
         self.group, self.controller_name = group, controller_name
+        self.compute = group.compute  # device and precision, for the run summary
 
     def update(self, batch: dict, step: int) -> dict:
         return driver_stats(self.group.update(batch, step=step, publish_to=self.controller_name))

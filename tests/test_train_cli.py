@@ -39,6 +39,8 @@ def test_compare_runs_both_at_once_and_prints_both_trajectories(tmp_path):
     assert [r["algorithm"] for r in main] == ["aepo", "aepo"] and [r["algorithm"] for r in base] == ["grpo", "grpo"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compare"]["grpo"]["steps"] == 2
+    # what the learners computed in, as they resolved it (the config leaves cpu_compute at float32)
+    assert summary["learner_compute"] == {"device": "cpu", "layers": "float32", "params": "float32"}
     assert "aepo H" in proc.stdout and "grpo H" in proc.stdout  # the trajectory table, one column per run
     assert "running the baseline after the main run" not in proc.stdout  # they ran side by side
 

@@ -124,3 +124,12 @@ def test_the_warm_start_hash_leaves_float32_out_and_refuses_auto():
     assert warmstart_hash(base, data, WarmStartSettings(cpu_compute="bfloat16")) != f32
     with pytest.raises(ValueError, match="resolve cpu_compute"):
         warmstart_hash(base, data, WarmStartSettings(cpu_compute="auto"))
+
+
+@pytest.mark.parametrize("setting", ["float32", "bfloat16", "auto"])
+def test_a_learner_reports_what_it_computes_in(tiny_model_path, setting):
+    """compute_info (the run summary's `learner_compute`): cpu_compute as resolved on the learner's node."""
+    worker = LearnerWorker(0, 1, tiny_model_path, LearnerConfig(num_workers=1, cpu_compute=setting), AEPOConfig(), seed=0)
+    info = worker.compute_info()
+    assert info == {"device": "cpu", "layers": resolve_cpu_compute(setting), "params": "float32"}
+    assert info["layers"] == {"float32": "float32", "bfloat16": "bfloat16"}.get(setting, info["layers"])
