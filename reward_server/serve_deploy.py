@@ -10,6 +10,7 @@ deadline), so a replica reserves `num_cpus` (default 0) but uses up to `settings
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import time
 
@@ -28,6 +29,7 @@ class RewardDeployment:
     """One replica: builds the app from the settings it was bound with (late-bound ingress)."""
 
     def __init__(self, settings: RewardSettings | dict | None = None) -> None:
+        _keep_replica_grpc_on_loopback()
         if isinstance(settings, RewardSettings):
             self._settings = settings
         else:
@@ -36,6 +38,33 @@ class RewardDeployment:
     def __serve_build_asgi_app__(self):
         """Called by Serve after __init__: this replica's FastAPI app."""
         return create_app(self._settings)
+
+
+def _keep_replica_grpc_on_loopback() -> None:
+    """On a loopback node, bind this replica's inter-deployment gRPC server to the node's address.
+
+    Serve 2.60 starts that server on `[::]:0` in every replica, hard-coded (replica.py,
+    `_on_initialized`, which runs after this constructor), so on a laptop or CI machine it would
+    listen on every interface. A node Ray runs on 127.0.0.1 is a local cluster: there the server
+    gets the node's address; on any other node Serve's choice is left alone.
+    """
+    import ray
+    from ray.serve._private import replica
+
+    node_ip = ray.util.get_node_ip_address()
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_aepo_loopback", False):
+        return
+    if not ipaddress.ip_address(node_ip).is_loopback:
+        return
+
+    def bind(server, address: str):
+        if address.startswith("[::]:"):
+            address = f"{node_ip}:{address[len('[::]:'):]}"
+        return original(server, address)
+
+    bind._aepo_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = bind
 
 
 def _free_port() -> int:

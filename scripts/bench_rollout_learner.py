@@ -83,15 +83,14 @@ def bench_engine(args, path: str, prompts) -> tuple[dict, list]:
 
 def bench_learners(args, path: str, samples) -> list[dict]:
     """Update throughput with 1 and 2 FSDP workers on a batch shaped like one RL step."""
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     import torch
 
     from services.config import GRPOConfig, LearnerConfig
     from services.learner import LearnerGroup, TrainBatch
+    from services.system import init_ray
 
-    cpus = os.cpu_count() or 2
-    ray.init(num_cpus=cpus, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=os.cpu_count() or 2)  # local, loopback only
     g = torch.Generator().manual_seed(0)
     batch = TrainBatch.from_sequences(
         [s.prompt_ids for s in samples], [s.response_ids for s in samples],

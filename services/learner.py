@@ -281,11 +281,13 @@ class LearnerWorker:
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group, load the model, shard it with FSDP2, make the optimizer."""
+        from services.loopback import join_process_group
+
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if master_addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (CI)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=self.rank, world_size=self.world_size)
+        join_process_group(backend, master_addr, master_port, self.rank, self.world_size)
         self.model = build_fsdp_model(self.model_path, self.cfg, self.device, self.seed)
         self.optimizer = make_adamw(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.irrelevant_ids = _token_ids(self.model_path, self.cfg.entropy_analysis.irrelevant_tokens or [])

@@ -23,25 +23,32 @@ log = logging.getLogger("aepo")
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Join RAY_ADDRESS's cluster when set (ray job submit), else start a local one on loopback."""
+    """Join RAY_ADDRESS's cluster when set (ray job submit), else start a local one on loopback.
+
+    A local cluster keeps every socket on 127.0.0.1 and sends nothing off the machine
+    (services/loopback.py says what Ray would do otherwise); a user's cluster is left as it is.
+    """
     import ray
+
+    from services.loopback import LOOPBACK, local_ray_environment
 
     if quiet:  # Serve's INFO lines ("Started Serve ...") would break the progress bar
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters only; a real cluster sets its own
     if os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a real cluster with auth sets its own
         # the address itself, not "auto": auto may pick another cluster on the same machine
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
         return
-    ray.init(
-        num_cpus=num_cpus or os.cpu_count() or 2,
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        log_to_driver=not quiet,
-        configure_logging=False,
-    )
+    with local_ray_environment():
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 2,
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            log_to_driver=not quiet,
+            configure_logging=False,
+        )
 
 
 def _free_port() -> int:

@@ -187,7 +187,9 @@ def warm_start(
 
 def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartSettings) -> dict:
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from services.loopback import ray_train_torch_config
 
     t0 = time.monotonic()
     trainer = TorchTrainer(
@@ -197,7 +199,7 @@ def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartSettings) -> dict
             "lr": cfg.lr, "seed": cfg.seed, "num_train": data["num_train"], "num_eval": data["num_eval"],
             "data_seed": data["seed"], "space_prob": data["space_prob"], "cpu_compute": cfg.cpu_compute,
         },
-        torch_config=TorchConfig(backend="gloo"),
+        torch_config=ray_train_torch_config("gloo"),  # rendezvous on the node address only
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=RunConfig(name=f"aepo-warmstart-{tmp.name.strip('.')}", storage_path=str(tmp.parent / ".ray-train")),
     )

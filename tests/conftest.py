@@ -45,16 +45,11 @@ def redis_url(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray for the session (2 CPUs, loopback only, no dashboard)."""
+    """One real local Ray for the session, started as `aepo train` starts it (2 CPUs, loopback only)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=2,
-            _node_ip_address="127.0.0.1",
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    from services.system import init_ray
+
+    init_ray(num_cpus=2)
     yield ray
     # left running for other session-scoped users; pytest's exit tears the local cluster down

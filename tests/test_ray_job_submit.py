@@ -26,7 +26,10 @@ def ray_head():
     """`ray start --head --block` in its own process group; killing the group stops only this cluster
     (`ray stop` would also stop the test session's own local Ray)."""
     # the job's `python` is the one on the head's PATH: this venv's
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    from services.loopback import local_ray_env
+
+    # the head's processes stay on loopback and quiet, as a local cluster of `aepo train` does
+    env = {**os.environ, **local_ray_env(), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     gcs, dash = free_port(), free_port()
     # every port of its own: the session's local Ray (tests/conftest.py) holds the default ones

@@ -16,7 +16,7 @@ def test_batch_results_in_request_order_and_bad_items_do_not_fail_it(client):
         item("c", "countdown", "9*8=72,72-3=69", TOY),  # inline: correct
         item("d", "countdown", "9*8=72,72-3=69", {"numbers": "oops"}),  # bad reference: error
         item("e", "math", "Answer: 35", "34"),  # fast path: incorrect
-        item("f", "numeric", "about 3.14159", 3.14159),
+        item("f", "numeric", "the area is about \\boxed{3.14159}", 3.14159),
         item("g", "exact", "Paris", "paris"),
         item("h", "math", "no final answer", "1"),
     ]
@@ -122,9 +122,13 @@ def test_malformed_requests_give_422(strict_client):
 
 def test_injection_strings_are_never_executed(client, tmp_path):
     marker = tmp_path / "x"
-    payload = f"__import__('os').system('touch {marker}')"
-    forms = [payload, f"\\boxed{{{payload}}}", f"Answer: {payload}", f"<answer>{payload}</answer>",
-             f"\\boxed{{\\text{{{payload}}}}}", f"eval(\"{payload}\")"]
+    # The temp path's digits depend on how often pytest ran on this machine (".../pytest-0/..." on
+    # a fresh one); the same payload with a fixed "pytest-0" path makes every machine check the
+    # case where the text's only free-standing number equals the reference.
+    payloads = [f"__import__('os').system('touch {marker}')", "__import__('os').system('touch /tmp/pytest-0/x')"]
+    forms = [form for payload in payloads for form in (
+        payload, f"\\boxed{{{payload}}}", f"Answer: {payload}", f"<answer>{payload}</answer>",
+        f"\\boxed{{\\text{{{payload}}}}}", f"eval(\"{payload}\")")]
     items = [item(f"{t}{i}", t, form, ref) for i, form in enumerate(forms)
              for t, ref in (("math", "0"), ("countdown", TOY), ("numeric", 0), ("exact", "0"))]
     results = verify(client, items, timeout_s=10)

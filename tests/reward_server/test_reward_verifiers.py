@@ -197,7 +197,6 @@ def test_countdown_code_injection_is_not_executed(tmp_path):
 
 # ---- numeric / exact -----------------------------------------------------------------------------
 def test_numeric():
-    assert verify_numeric("The answer is 42.", 42).outcome == "correct"
     assert verify_numeric("\\boxed{1,000}", "1000").outcome == "correct"
     assert verify_numeric("0.3333333", "1/3").outcome == "correct"  # within rel_tol 1e-6
     assert verify_numeric("0.33", "1/3").outcome == "incorrect"
@@ -205,6 +204,35 @@ def test_numeric():
     assert verify_numeric("no digits", 1).outcome == "unparsable"
     assert verify_numeric("1e99999", 1).outcome == "unparsable"  # exponents over 3 digits are refused
     assert verify_numeric("5", "five").outcome == "error"
+
+
+@pytest.mark.parametrize("response, reference, outcome", [
+    # the final answer, marked, is one number (with decoration at most)
+    ("so the total is \\boxed{42}", 42, "correct"),
+    ("Answer: 42", 42, "correct"),
+    ("Natalia sold 48/2 = 24 clips in May.\n#### 72", 72, "correct"),  # GSM8K
+    ("<answer>72</answer>", 72, "correct"),
+    ("42", 42, "correct"),  # nothing but the number
+    ("Answer: $42$.", 42, "correct"),
+    ("\\boxed{\\$1,250.50}", 1250.5, "correct"),
+    ("\\boxed{42 \\text{ apples}}", 42, "correct"),
+    ("\\boxed{12 cm^2}", 12, "correct"),
+    ("Answer: 50%", 50, "correct"),
+    ("\\boxed{\\frac{1}{3}}", "1/3", "correct"),
+    ("#### 7\nAnswer: 8", 8, "correct"),  # the later marker wins
+    ("\\boxed{8}\n#### 7", 7, "correct"),
+    # not one number: a number picked out of text is how a policy games the reward
+    ("The answer is 42.", 42, "unparsable"),
+    ("\\boxed{3 + 4 = 7}", 7, "unparsable"),
+    ("\\boxed{7 or 8}", 7, "unparsable"),
+    ("Answer: x = 5", 5, "unparsable"),
+    ("rm -rf /tmp/pytest-0/x", 0, "unparsable"),
+    ("\\boxed{__import__('os').system('touch /tmp/pytest-0/x')}", 0, "unparsable"),
+    ("Answer: 2024-01-05", 5, "unparsable"),
+    ("\\boxed{" + "1" * 300 + "}", 1, "unparsable"),  # longer than any one number and unit
+])
+def test_numeric_accepts_only_a_final_answer_that_is_one_number(response, reference, outcome):
+    assert verify_numeric(response, reference).outcome == outcome
 
 
 def test_exact():
