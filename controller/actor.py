@@ -7,7 +7,7 @@ controller makes the same next decision; otherwise it lives in memory.
 
 `ControllerCore` is plain Python (unit-tested with an in-memory store and a fake metrics sink);
 `EntropyControllerActor` is the Ray actor around it (named, detached-capable). Its decisions
-reach Prometheus through the driver's per-step exporter (services/metrics.py says why).
+reach Prometheus through the driver's per-step exporter (services/loop/metrics.py says why).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ comparison fair):
     flat bucketed all-gather;
   * the weight sync through Ray as the driver runs it (the config's learner group and one rollout
     actor): the learners' return of the state dict and the rollout actor's load, with the tensors
-    pickled (before) and as numpy arrays (now, services/weights.py).
+    pickled (before) and as numpy arrays (now, services/backends/wire.py).
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def med(xs: list[float]) -> str:
 def bench_generation(model_path: str, cfg, reps: int) -> list:
     import torch
 
-    from services.countdown import make_splits
-    from services.engines import EngineRequest
-    from services.engines.hf import HFEngine
-    from services.model import load_tokenizer
+    from services.data.countdown import make_splits
+    from services.rollout.engines import EngineRequest
+    from services.rollout.engines.hf import HFEngine
+    from services.model.tiny import load_tokenizer
 
     torch.set_num_threads(1)
     tok = load_tokenizer(model_path)
@@ -84,7 +84,7 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
     import torch
 
     from services.config import AEPOConfig
-    from services.learner import LearnerWorker, TrainBatch, build_fsdp_model, make_adamw, shard_batch
+    from services.learner.worker import LearnerWorker, TrainBatch, build_fsdp_model, make_adamw, shard_batch
 
     rng = random.Random(0)
     batch = TrainBatch.from_sequences([p for p, _ in rows], [r for _, r in rows], [rng.gauss(0, 1) for _ in rows],
@@ -122,11 +122,11 @@ def bench_sft(model_path: str, cfg, reps: int) -> None:
 
     import torch
 
-    from services.countdown import make_splits
-    from services.learner import make_adamw
-    from services.model import load_causal_lm, load_tokenizer
-    from services.precision import autocast_layers, decoder_layers
-    from services.warmstart import SFT_MICRO_BATCHES, sft_backward, sft_batch
+    from services.data.countdown import make_splits
+    from services.learner.worker import make_adamw
+    from services.model.tiny import load_causal_lm, load_tokenizer
+    from services.model.precision import autocast_layers, decoder_layers
+    from services.model.warmstart import SFT_MICRO_BATCHES, sft_backward, sft_batch
 
     torch.set_num_threads(1)
     tok = load_tokenizer(model_path)
@@ -165,7 +165,7 @@ def _gather_worker(rank: int, world: int, model_path: str, port: int, reps: int,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from services.config import LearnerConfig
-    from services.learner import build_fsdp_model, gather_full_state
+    from services.learner.worker import build_fsdp_model, gather_full_state
 
     model = build_fsdp_model(model_path, LearnerConfig(), torch.device("cpu"))
     ways = {
@@ -205,9 +205,9 @@ def bench_gather(model_path: str, reps: int) -> None:
 def bench_ray_sync(model_path: str, cfg, reps: int) -> None:
     import ray
 
-    from services.learner import LearnerGroup
-    from services.rollout import RolloutPool
-    from services.system import init_ray, learner_config
+    from services.learner.worker import LearnerGroup
+    from services.rollout.service import RolloutPool
+    from services.backends.ray_cluster import init_ray, learner_config
 
     init_ray(num_cpus=4, quiet=True)
     group = LearnerGroup(model_path, learner_config(cfg), cfg.algorithm, seed=0)
@@ -247,7 +247,7 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from services.config import load_config
-    from services.train import prepare_model
+    from services.cli.train import prepare_model
 
     cfg = load_config(ROOT / args.config)
     model_path, _ = prepare_model(cfg, progress=True)

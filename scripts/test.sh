@@ -11,6 +11,6 @@ bash scripts/setup_vllm.sh || exit 1
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
 if [ $# -eq 0 ]; then
-  .venv-vllm/bin/python -m pytest -q -m vllm tests/services/test_vllm_cpu.py || status=$?
+  .venv-vllm/bin/python -m pytest -q -m vllm tests/services/rollout/test_vllm_cpu.py || status=$?
 fi
 exit $status

@@ -48,7 +48,7 @@ def ray_local():
     """One real local Ray for the session, started as `aepo train` starts it (2 CPUs, loopback only)."""
     import ray
 
-    from services.system import init_ray
+    from services.backends.ray_cluster import init_ray
 
     init_ray(num_cpus=2)
     yield ray

@@ -26,9 +26,9 @@ def taught_model(tmp_path_factory):
     import torch
 
     from services.config import TinyModelConfig
-    from services.countdown import make_splits
-    from services.model import build_tiny_model, load_causal_lm, load_tokenizer
-    from services.warmstart import sft_batch
+    from services.data.countdown import make_splits
+    from services.model.tiny import build_tiny_model, load_causal_lm, load_tokenizer
+    from services.model.warmstart import sft_batch
 
     root = tmp_path_factory.mktemp("model")
     base = build_tiny_model(TinyModelConfig(), root / "base", seed=0)
@@ -89,10 +89,10 @@ class CrashAt:
 
 
 def test_a_short_aepo_run_through_every_real_component(ray_local, taught_model, tmp_path):
-    from services.data import load_items
-    from services.driver import Trainer
-    from services.metrics import RunMetrics
-    from services.system import System
+    from services.data.datasets import load_items
+    from services.loop.trainer import Trainer
+    from services.loop.metrics import RunMetrics
+    from services.backends.ray_cluster import System
 
     model_path, _ = taught_model
     port = free_port()

@@ -61,11 +61,11 @@ def _series(base: str, query: str, start: float, end: float) -> dict[float, floa
 
 def test_prometheus_scrapes_the_entropy_target_and_temperature_of_each_step(ray_local, prometheus, tmp_path):
     from services.config import TrainConfig
-    from services.data import load_items
-    from services.driver import Trainer
-    from services.metrics import RunMetrics
-    from services.model import resolve_model_path
-    from services.system import System
+    from services.data.datasets import load_items
+    from services.loop.trainer import Trainer
+    from services.loop.metrics import RunMetrics
+    from services.model.tiny import resolve_model_path
+    from services.backends.ray_cluster import System
 
     base, port = prometheus
     cfg = TrainConfig.model_validate({

@@ -26,7 +26,7 @@ def ray_head():
     """`ray start --head --block` in its own process group; killing the group stops only this cluster
     (`ray stop` would also stop the test session's own local Ray)."""
     # the job's `python` is the one on the head's PATH: this venv's
-    from services.loopback import local_ray_env
+    from services.backends.network import local_ray_env
 
     # the head's processes stay on loopback and quiet, as a local cluster of `aepo train` does
     env = {**os.environ, **local_ray_env(), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
@@ -76,7 +76,7 @@ def test_the_driver_runs_as_a_ray_job_on_a_local_head(ray_head, tmp_path):
     )
     cmd = [
         str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(ROOT),
-        "--", "python", "-m", "services.train", "--config", str(cfg), "--no-progress",
+        "--", "python", "-m", "services.cli.train", "--config", str(cfg), "--no-progress",
     ]
     t0 = time.monotonic()
     for _ in range(30):  # the head's job agent comes up a little after its dashboard

@@ -20,7 +20,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "aepo.json"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SETUP_HINT = "run `bash scripts/setup.sh --test`"
 
-# Names an expression may use besides services.metrics.exported_names(): Prometheus' own per-target
+# Names an expression may use besides services.loop.metrics.exported_names(): Prometheus' own per-target
 # series, and Ray's system metrics (the "Ray cluster" panels, scraped by the `ray` job).
 EXTRA_NAMES = {"up"}
 EXTRA_PREFIXES = ("ray_",)

@@ -7,7 +7,7 @@ import subprocess
 from _deploy_helpers import promtool
 from prometheus_client import generate_latest
 
-from services.metrics import RunMetrics
+from services.loop.metrics import RunMetrics
 
 ROW = {
     "step": 3, "policy_version": 4, "entropy": 0.4, "entropy_sampled": 0.41, "entropy_target": 0.35,

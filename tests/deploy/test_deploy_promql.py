@@ -11,7 +11,7 @@ from _deploy_helpers import (
     unknown_names,
 )
 
-from services.metrics import exported_names
+from services.loop.metrics import exported_names
 
 KNOWN = exported_names()
 
@@ -24,7 +24,7 @@ def test_alert_rule_metric_names_are_exported():
     exprs = _rule_expressions()
     assert len(exprs) >= 6
     bad = {where: unknown_names(expr, KNOWN) for where, expr in exprs}
-    assert not {k: v for k, v in bad.items() if v}, f"names not in services.metrics.exported_names(): {bad}"
+    assert not {k: v for k, v in bad.items() if v}, f"names not in services.loop.metrics.exported_names(): {bad}"
 
 
 def test_dashboard_metric_names_are_exported():
@@ -38,13 +38,13 @@ def test_dashboard_metric_names_are_exported():
             pytest.fail(f"{where}: PromQL does not parse: {expr!r}: {e}")
         if names:
             bad[where] = names
-    assert not bad, f"names not in services.metrics.exported_names(): {bad}"
+    assert not bad, f"names not in services.loop.metrics.exported_names(): {bad}"
 
 
 def test_every_catalogue_metric_is_on_the_dashboard():
     """The dashboard shows every training metric the driver exports (none silently dropped)."""
     used = set().union(*(metric_names(substitute_grafana(e)) for _, e in dashboard_expressions()))
-    from services.metrics import CATALOGUE, REWARD_SERVER_METRICS
+    from services.loop.metrics import CATALOGUE, REWARD_SERVER_METRICS
 
     wanted = {m.name for m in CATALOGUE} | set(REWARD_SERVER_METRICS) - {"aepo_reward_verify_seconds"}
     assert wanted - used == set()

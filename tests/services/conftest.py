@@ -20,14 +20,14 @@ PEAKED_NORM_SCALE = 4.0
 def tiny_model_path(tmp_path_factory) -> str:
     """The default tiny model (hidden 128, 4 layers, 4 heads, seed 0) in HF format."""
     from services.config import TinyModelConfig
-    from services.model import build_tiny_model
+    from services.model.tiny import build_tiny_model
 
     return str(build_tiny_model(TinyModelConfig(), tmp_path_factory.mktemp("tiny") / "model", seed=0))
 
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_path):
-    from services.model import load_tokenizer
+    from services.model.tiny import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 
@@ -35,7 +35,7 @@ def tokenizer(tiny_model_path):
 @pytest.fixture(scope="session")
 def peaked_weights(tiny_model_path) -> dict[str, torch.Tensor]:
     """The tiny model's state dict with the final norm set to PEAKED_NORM_SCALE (logits x ~4)."""
-    from services.model import load_causal_lm
+    from services.model.tiny import load_causal_lm
 
     sd = load_causal_lm(tiny_model_path).state_dict()
     sd["model.norm.weight"] = torch.full_like(sd["model.norm.weight"], PEAKED_NORM_SCALE)
@@ -45,7 +45,7 @@ def peaked_weights(tiny_model_path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def perturbed_weights(tiny_model_path) -> dict[str, torch.Tensor]:
     """The tiny model's weights plus N(0, 0.05^2) noise (seed 1): greedy outputs change."""
-    from services.model import load_causal_lm
+    from services.model.tiny import load_causal_lm
 
     model = load_causal_lm(tiny_model_path)
     g = torch.Generator().manual_seed(1)

@@ -7,7 +7,7 @@ import torch
 
 def hf_model_with(path: str, weights: dict[str, torch.Tensor] | None = None):
     """A fresh HF copy of the tiny model, optionally with other weights loaded."""
-    from services.model import load_causal_lm
+    from services.model.tiny import load_causal_lm
 
     model = load_causal_lm(path)
     if weights is not None:

@@ -1,0 +1,146 @@
+"""The in-process backend: the same driver, learner, engine, verifiers and controller, no Ray.
+
+`aepo train --backend local` and the experiment runner use it. Every number it produces comes
+from the same code paths as the Ray system: `Trainer` (services.loop.trainer) runs steps 1-9, the
+policy update is `LearnerWorker.update` (a one-rank FSDP2 process group over gloo), generation
+is `RolloutService` with the configured engine, the decision is `ControllerCore.plan`, and
+rewards come from the reward server's verifier registry. What it leaves out is the transport:
+no actors, no object store, no HTTP, one learner rank. That is what lets a grid of short runs
+share a 2-core machine (two runs side by side, one thread each) instead of paying for a Ray
+cluster per run. Only verifiers registered `inline` (countdown, numeric, exact) run here:
+math verification needs the reward server's killable worker pool, so `math` tasks are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from services.config import AEPOConfig, TrainConfig, learner_config
+from services.backends.ray_cluster import PolicySystem, TokenizerAdapter, driver_stats
+
+log = logging.getLogger("aepo")
+
+
+class InlineReward:
+    """The reward server's verdicts, computed in this process (inline verifiers only)."""
+
+    def __init__(self) -> None:
+        from reward_server.verifiers import get_verifier
+
+        self._get = get_verifier
+
+    def verify(self, items: list[dict]) -> list[dict]:
+        from reward_server.verifiers import run_verifier
+
+        out = []
+        for it in items:
+            verifier = self._get(it["task"])
+            if not verifier.inline:
+                raise ValueError(
+                    f"task {it['task']!r} needs the reward server's worker pool (it is not an inline verifier); "
+                    "run it with the ray backend"
+                )
+            verdict = run_verifier(verifier.verify, it["response"], it["reference"])
+            out.append({"id": it["id"], "reward": 1 if verdict.outcome == "correct" else 0,
+                        "outcome": verdict.outcome, "detail": verdict.detail})
+        return out
+
+
+class LocalController:
+    """`ControllerCore` behind the driver's controller protocol (and the rollout adapter's `plan`)."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+
+    def plan(self, step: int) -> dict:
+        return self.core.plan(step)
+
+    def record_selection(self, step: int, n: int) -> None:
+        self.core.record_selection(step, n)
+
+    def target(self, step: int) -> float | None:
+        return self.core.target(step) if isinstance(self.core.algorithm, AEPOConfig) else None
+
+    def state(self) -> dict:
+        return self.core.state()
+
+    def restore(self, state: dict) -> None:
+        self.core.restore(state)
+
+
+class LocalLearner:
+    """One `LearnerWorker` rank in this process; publishes the step's entropy to the controller
+    core exactly as the Ray learners publish to the controller actor."""
+
+    def __init__(self, worker, pad_id: int, controller: LocalController) -> None:
+        self.worker, self.pad_id, self.controller = worker, pad_id, controller
+        self.compute = worker.compute_info()  # device and precision, for the run summary
+
+    def update(self, batch: dict, step: int) -> dict:
+        from services.learner.worker import TrainBatch
+
+        stats = self.worker.update(TrainBatch.from_dict(batch, self.pad_id), step=step)
+        self.controller.core.observe(step, stats["entropy_exact_grpo"], "exact")
+        self.controller.core.observe(step, stats["entropy_sampled_grpo"], "sampled")
+        return driver_stats(stats)
+
+    def full_weights(self) -> dict:
+        return self.worker.full_state_dict()
+
+    def save(self, path: str) -> None:
+        self.worker.save_checkpoint(os.path.abspath(path))
+
+    def load(self, path: str) -> None:
+        self.worker.load_checkpoint(os.path.abspath(path))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalSystem(PolicySystem):
+    """`System`'s interface (components, restart_policy_side, close) with everything in-process."""
+
+    def __init__(self, cfg: TrainConfig, model_path: str, threads: int | None = None) -> None:
+        self.cfg, self.model_path = cfg, model_path
+        self.threads = threads or cfg.rollout.torch_threads or 1
+        self.reward = InlineReward()
+        self.worker = None
+        self._start_policy_side()
+
+    def _start_policy_side(self) -> None:
+        import torch
+
+        from controller.actor import ControllerCore, MemoryStore, RedisStore
+        from services.learner.worker import LearnerWorker
+        from services.model.tiny import load_tokenizer
+        from services.rollout.service import RolloutService
+
+        cfg = self.cfg
+        store = RedisStore(cfg.controller.redis_url, cfg.run_name) if cfg.controller.redis_url else MemoryStore()
+        self.controller = LocalController(ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store))
+        lcfg = learner_config(cfg).model_copy(update={"num_workers": 1, "device": "cpu"})
+        self.worker = LearnerWorker(0, 1, self.model_path, lcfg, cfg.algorithm, seed=cfg.trainer.seed, device="cpu")
+        self.worker.setup("127.0.0.1", _free_port())
+        self.rollout = RolloutService(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
+        torch.set_num_threads(self.threads)  # after both: each sets its own thread count
+        tok = load_tokenizer(self.model_path)
+        self.tokenizer = TokenizerAdapter(tok, cfg.model.chat_template)
+        self.learner = LocalLearner(self.worker, int(tok.pad_token_id), self.controller)
+
+    def _rollout(self):
+        return self.rollout
+
+    def _learner(self):
+        return self.learner
+
+    def _stop_policy_side(self) -> None:
+        if self.worker is not None:
+            self.worker.shutdown()
+            self.worker = None
+        self.rollout.close()

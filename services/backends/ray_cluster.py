@@ -1,0 +1,339 @@
+"""Wires the real components for the driver: Ray, the reward server, rollout, learners, controller.
+
+`System` starts (or connects to) everything a run needs and hands the driver a `Components`
+bundle of thin adapters over the Ray actors. Local Ray on 127.0.0.1 by default; inside
+`ray job submit` (RAY_ADDRESS set) it joins the cluster instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from services.config import AEPOConfig, TrainConfig, learner_config
+from services.data.datasets import PromptItem
+from services.loop.trainer import Components, Rollout
+
+log = logging.getLogger("aepo")
+
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Join RAY_ADDRESS's cluster when set (ray job submit), else start a local one on loopback.
+
+    A local cluster keeps every socket on 127.0.0.1 and sends nothing off the machine
+    (services/backends/network.py says what Ray would do otherwise); a user's cluster is left as it is.
+    """
+    import ray
+
+    from services.backends.network import LOOPBACK, local_ray_environment
+
+    if quiet:  # Serve's INFO lines ("Started Serve ...") would break the progress bar
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a real cluster with auth sets its own
+        # the address itself, not "auto": auto may pick another cluster on the same machine
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
+        return
+    with local_ray_environment():
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count() or 2,
+            _node_ip_address=LOOPBACK,
+            include_dashboard=False,
+            log_to_driver=not quiet,
+            configure_logging=False,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class RewardAdapter:
+    """The reward server over HTTP, however it was started."""
+
+    def __init__(self, base_url: str, timeout_s: float, token: str | None = None):
+        from reward_server.client import RewardClient
+
+        self.base_url = base_url
+        self.client = RewardClient(base_url, token=token, item_timeout_s=timeout_s)
+
+    def verify(self, items: list[dict]) -> list[dict]:
+        return [r.model_dump() for r in self.client.verify_sync(items)]
+
+
+class ControllerAdapter:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def _get(self, ref):
+        import ray
+
+        return ray.get(ref)
+
+    def plan(self, step: int) -> dict:
+        return self._get(self.handle.plan.remote(step))
+
+    def record_selection(self, step: int, n: int) -> None:
+        self._get(self.handle.record_selection.remote(step, n))
+
+    def target(self, step: int) -> float | None:
+        return self._get(self.handle.target.remote(step))
+
+    def state(self) -> dict:
+        return self._get(self.handle.state.remote())
+
+    def restore(self, state: dict) -> None:
+        self._get(self.handle.restore.remote(state))
+
+
+class RolloutAdapter:
+    """RolloutPool behind the driver's protocol; asks the controller for the regularizer plan."""
+
+    def __init__(self, pool, controller: ControllerAdapter | None):
+        self.pool, self.controller = pool, controller
+
+    @staticmethod
+    def _rows(samples, items: dict[str, PromptItem]) -> list[Rollout]:
+        return [
+            Rollout(items[s.prompt_id], s.prompt_ids, s.response_ids, s.finish_reason, s.temperature,
+                    s.policy_version, s.engine)
+            for s in samples
+        ]
+
+    def generate(self, prompts, n: int, temperature: float, seed: int) -> list[Rollout]:
+        from services.rollout.service import SamplingRequest
+
+        items = {it.id: it for it, _ in prompts}
+        req = SamplingRequest([(it.id, ids) for it, ids in prompts], n, temperature)
+        return self._rows(self.pool.generate_many([req], seed=seed).samples[0], items)
+
+    def generate_step(self, step: int, prompts, reg_prompts, n: int, seed: int):
+        from services.rollout.service import SamplingRequest
+
+        items = {it.id: it for it, _ in prompts}
+        reqs = [SamplingRequest([(it.id, ids) for it, ids in prompts], n, 1.0)]
+        plan: dict = {}
+        if reg_prompts:
+            if self.controller is None:
+                raise RuntimeError("a regularizer batch needs the entropy controller")
+            plan = self.controller.plan(step)
+            reqs.append(SamplingRequest([(it.id, ids) for it, ids in reg_prompts], n, plan["temperature"]))
+        result = self.pool.generate_many(reqs, seed=seed)
+        grpo = self._rows(result.samples[0], items)
+        reg = self._rows(result.samples[1], items) if reg_prompts else []
+        return grpo, reg, plan
+
+    def load_weights(self, version: int, weights: Any) -> float:
+        return float(self.pool.load_weights(version, weights)["sync_s"])
+
+
+def driver_stats(stats: dict) -> dict:
+    """The learners' update stats under the names the driver's metrics row uses."""
+    return {
+        **stats,
+        "entropy": stats.get("entropy_exact_grpo"),
+        "entropy_sampled": stats.get("entropy_sampled_grpo"),
+        "entropy_regularizer": stats.get("entropy_exact_reg"),
+    }
+
+
+class LearnerAdapter:
+    def __init__(self, group, controller_name: str):
+        self.group, self.controller_name = group, controller_name
+        self.compute = group.compute  # device and precision, for the run summary
+
+    def update(self, batch: dict, step: int) -> dict:
+        return driver_stats(self.group.update(batch, step=step, publish_to=self.controller_name))
+
+    def full_weights(self):
+        return self.group.state_dict_ref()  # an ObjectRef: gathered once, shipped by the object store
+
+    def save(self, path: str) -> None:
+        self.group.save_checkpoint(path)
+
+    def load(self, path: str) -> None:
+        self.group.load_checkpoint(path)
+
+
+class TokenizerAdapter:
+    def __init__(self, tokenizer, chat_template: bool):
+        self.tok, self.chat_template = tokenizer, chat_template
+
+    def encode(self, text: str) -> list[int]:
+        from services.model.tiny import encode_prompt
+
+        return encode_prompt(self.tok, text, self.chat_template)
+
+    def decode(self, ids: list[int]) -> str:
+        from services.model.tiny import decode_response
+
+        return decode_response(self.tok, ids)
+
+
+# ----------------------------------------------------------------------------- the system
+
+
+class RewardProcess:
+    """`aepo serve-reward` as a child process on a free loopback port (reward.mode: standalone)."""
+
+    def __init__(self, workers: int = 2, port: int | None = None):
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "serve-reward", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", str(workers)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout_s: float = 60.0) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"reward server exited with code {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.close()
+        raise RuntimeError(f"reward server did not become ready on {self.url} within {timeout_s}s")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_reward(cfg: TrainConfig) -> tuple[str, Any]:
+    """The reward server's base URL, and what to close at the end (or None)."""
+    rc = cfg.reward
+    if rc.mode == "external":
+        return rc.url, None
+    if rc.mode == "standalone":
+        proc = RewardProcess()
+        return proc.url, proc
+    from reward_server.serve_deploy import deploy
+
+    return deploy(replicas=rc.replicas), None
+
+
+class PolicySystem:
+    """What every backend shares: the driver's component bundle, a policy-side restart, `with`.
+
+    Subclasses start `controller`, `reward`, `tokenizer` and whatever `_rollout()` and
+    `_learner()` return in `_start_policy_side`, and stop them in `_stop_policy_side`."""
+
+    cfg: TrainConfig
+
+    def _rollout(self) -> Any: ...
+
+    def _learner(self) -> Any: ...
+
+    def _start_policy_side(self) -> None: ...
+
+    def _stop_policy_side(self) -> None: ...
+
+    def close(self) -> None:
+        self._stop_policy_side()
+
+    def components(self, metrics=None) -> Components:
+        aepo = isinstance(self.cfg.algorithm, AEPOConfig)
+        return Components(
+            rollout=RolloutAdapter(self._rollout(), self.controller if aepo else None),
+            reward=self.reward,
+            learner=self._learner(),
+            controller=self.controller,
+            tokenizer=self.tokenizer,
+            metrics=metrics,
+        )
+
+    def restart_policy_side(self, cfg: TrainConfig) -> None:
+        """New learners, rollout engines and controller (for a second run on the same system)."""
+        self._stop_policy_side()
+        self.cfg = cfg
+        self._start_policy_side()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class System(PolicySystem):
+    """Everything one run needs, started in order and closed in reverse."""
+
+    def __init__(self, cfg: TrainConfig, model_path: str, quiet: bool = True):
+        self.cfg, self.model_path = cfg, model_path
+        self._closers: list = []
+        init_ray(quiet=quiet)
+        self.reward_url, closer = start_reward(cfg)
+        if closer is not None:
+            self._closers.append(closer.close)
+        self.reward = RewardAdapter(self.reward_url, cfg.reward.timeout_s, os.environ.get("AEPO_REWARD_TOKEN"))
+        self._start_policy_side()
+
+    def _start_policy_side(self) -> None:
+        from controller.actor import start_controller
+        from services.learner.worker import LearnerGroup
+        from services.model.tiny import load_tokenizer
+        from services.rollout.service import RolloutPool
+
+        cfg = self.cfg
+        self.controller_handle = start_controller(cfg.algorithm, cfg.controller, cfg.run_name)
+        self.controller = ControllerAdapter(self.controller_handle)
+        self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed)
+        self.pool = RolloutPool(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
+        self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template)
+
+    def sibling(self, cfg: TrainConfig) -> "System":
+        """A second run's policy side (learners, rollout, controller) in this cluster, sharing this
+        system's reward server; close it before this one. Its controller must have its own name."""
+        if cfg.controller.name == self.cfg.controller.name:
+            raise ValueError(f"a sibling run needs its own controller.name, not {cfg.controller.name!r}")
+        other = System.__new__(System)
+        other.cfg, other.model_path, other._closers = cfg, self.model_path, []
+        other.reward_url = self.reward_url
+        other.reward = RewardAdapter(self.reward_url, cfg.reward.timeout_s, os.environ.get("AEPO_REWARD_TOKEN"))
+        other._start_policy_side()
+        return other
+
+    def _rollout(self):
+        return self.pool
+
+    def _learner(self):
+        return LearnerAdapter(self.learners, self.cfg.controller.name)
+
+    def _stop_policy_side(self) -> None:
+        import ray
+
+        for stop in (lambda: self.learners.shutdown(), lambda: self.pool.shutdown(),
+                     lambda: ray.kill(self.controller_handle, no_restart=True)):
+            try:
+                stop()
+            except Exception as exc:  # best effort at teardown: report, keep closing the rest
+                log.warning("shutdown: %s", exc)
+
+    def close(self) -> None:
+        self._stop_policy_side()
+        for close in reversed(self._closers):
+            close()

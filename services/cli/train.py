@@ -1,0 +1,234 @@
+"""`aepo train` and `python -m services.cli.train` (the `ray job submit` entrypoint).
+
+    aepo train --config deploy/configs/cpu_default.yaml [--output-dir DIR] [--resume] [--compare grpo]
+
+Parse the config, build the model (the embedded tiny model is warm-started once and cached),
+start the system, train, write the outputs, close. `--compare grpo` runs the same config with
+plain GRPO afterwards, in the same cluster, for the same budget, and plots both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="run config (YAML), e.g. deploy/configs/cpu_default.yaml")
+    p.add_argument("--output-dir", help="overrides trainer.output_dir")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    p.add_argument("--compare", choices=["grpo"], help="also run this baseline on the same budget and plot both")
+    p.add_argument(
+        "--compare-mode", choices=["parallel", "sequential"], default="parallel",
+        help="parallel (default, ray backend): both runs at once in one cluster, sharing the reward server, "
+        "one torch thread per rollout actor; sequential: the baseline after the main run",
+    )
+    p.add_argument("--steps", type=int, help="overrides trainer.steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--verbose", action="store_true", help="show the Ray actors' logs")
+    p.add_argument(
+        "--backend", choices=["ray", "local"], default="ray",
+        help="ray (default): the Ray system (actors, Serve reward server, FSDP learner group); local: the same "
+        "driver, learner, engine, verifier and controller code in this process (one learner rank, no transport)",
+    )
+    p.add_argument("--threads", type=int, help="torch threads of the local backend (default: rollout.torch_threads)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from services.config import load_config
+
+    cfg = load_config(args.config)
+    trainer_over = {}
+    if args.output_dir:
+        trainer_over["output_dir"] = args.output_dir
+    if args.steps is not None:
+        trainer_over["steps"] = args.steps
+    if trainer_over:
+        cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update=trainer_over)})
+    cfg = type(cfg).model_validate(cfg.model_dump())  # re-check bounds after the overrides
+    out = Path(cfg.trainer.output_dir)
+    t0 = time.monotonic()
+
+    from services.backends.ray_cluster import System, init_ray
+
+    backend = getattr(args, "backend", "ray")
+    base = compare_config(cfg, args.compare) if args.compare else None
+    parallel = base is not None and backend == "ray" and getattr(args, "compare_mode", "parallel") == "parallel"
+    if backend == "ray":
+        need = cpus_needed(cfg) + (cpus_needed(base) if parallel else 0)
+        init_ray(num_cpus=max(os.cpu_count() or 2, need), quiet=not args.verbose)
+        if parallel and not cluster_fits(need):
+            print(f"--compare: the cluster has fewer than the {need} CPUs two runs at once reserve; "
+                  "running the baseline after the main run", flush=True)
+            parallel = False
+    threads_alone = cfg.rollout.torch_threads
+    if parallel:  # two runs share the cores: one generation thread each (until one of them ends)
+        cfg, base = single_threaded(cfg), single_threaded(base)
+    model_path, warm = prepare_model(cfg, progress=not args.no_progress)
+    runs = {}
+    if backend == "local":
+        from services.backends.in_process import LocalSystem
+
+        make_system = lambda: LocalSystem(cfg, model_path, threads=getattr(args, "threads", None))  # noqa: E731
+    else:
+        make_system = lambda: System(cfg, model_path, quiet=not args.verbose)  # noqa: E731
+    progress = not args.no_progress
+    with make_system() as system:
+        if parallel:
+            from concurrent.futures import ThreadPoolExecutor
+
+            sibling = system.sibling(base)
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    main_run = pool.submit(run_one, cfg, system, out, args.resume, progress, 0)
+                    base_run = pool.submit(run_one, base, sibling, out / f"compare-{args.compare}", args.resume, progress, 1)
+                    hand_over_threads({main_run: sibling, base_run: system}, threads_alone)
+                    runs[cfg.algorithm.type], runs[args.compare] = main_run.result(), base_run.result()
+            finally:
+                sibling.close()
+        else:
+            runs[cfg.algorithm.type] = run_one(cfg, system, out, args.resume, progress)
+            if base is not None:
+                system.restart_policy_side(base)
+                runs[args.compare] = run_one(base, system, out / f"compare-{args.compare}", args.resume, progress)
+    finish(cfg, out, runs, warm, time.monotonic() - t0)
+    return 0
+
+
+def compare_config(cfg, baseline: str):
+    """The baseline run of `--compare`: same everything, GRPO with the main run's clipping."""
+    from services.config import GRPOConfig
+
+    tr = cfg.trainer
+    return cfg.model_copy(update={
+        "algorithm": GRPOConfig(clip_low=cfg.algorithm.clip_low, clip_high=cfg.algorithm.clip_high,
+                                dual_clip=cfg.algorithm.dual_clip),
+        "run_name": f"{cfg.run_name}-{baseline}",
+        "controller": cfg.controller.model_copy(update={"name": f"{cfg.controller.name}-{baseline}"}),
+        "trainer": tr.model_copy(update={"metrics_port": tr.metrics_port + 1 if tr.metrics_port else 0}),
+    })
+
+
+def hand_over_threads(runs: dict, threads: int | None) -> None:
+    """When the first of two side-by-side runs ends, give the other one's rollout actors the
+    generation threads a run has alone (`rollout.torch_threads`), so its tail does not run on
+    one thread while a core idles. `runs` maps each run's future to the *other* run's system."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    if not threads or threads <= 1:
+        return
+    done, _ = wait(list(runs), return_when=FIRST_COMPLETED)
+    first = next(iter(done))
+    if first.exception() is None and not all(f.done() for f in runs):
+        try:
+            runs[first].pool.set_threads(threads)
+        except Exception as exc:  # a speed-up only: never fail the surviving run over it
+            print(f"--compare: could not raise the remaining run's generation threads ({exc})", flush=True)
+
+
+def single_threaded(cfg):
+    return cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"torch_threads": 1})})
+
+
+def cpus_needed(cfg) -> int:
+    """Ray CPUs one run reserves (learner bundles + rollout actors; the reward replica reserves none)."""
+    import math
+
+    need = cfg.learner.num_workers * cfg.learner.cpus_per_worker + cfg.rollout.num_actors * cfg.rollout.cpus_per_actor
+    return max(math.ceil(need), 1)
+
+
+def cluster_fits(cpus: int) -> bool:
+    import ray
+
+    return ray.cluster_resources().get("CPU", 0) >= cpus
+
+
+def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
+    """The path the engines and learners load; warm-starts the tiny model on the toy (cached)."""
+    from services.config import CountdownDataConfig
+    from services.model.tiny import default_cache_dir, resolve_model_path
+
+    path = resolve_model_path(cfg.model, seed=cfg.trainer.seed if cfg.model.init_seed is None else cfg.model.init_seed)
+    if cfg.model.path is not None or not isinstance(cfg.data, CountdownDataConfig) or cfg.warm_start.steps == 0:
+        return path, {}
+    from services.model.warmstart import warm_start
+
+    t0 = time.monotonic()
+    print(f"warm start: {cfg.warm_start.steps} SFT steps on the Countdown toy with Ray Train "
+          f"({cfg.warm_start.num_workers} workers); cached after the first run", flush=True)
+    warm = warm_start(path, default_cache_dir(), cfg.data, cfg.warm_start)
+    info = json.loads((warm / "aepo_warmstart.json").read_text())
+    info["wall_seconds_this_run"] = round(time.monotonic() - t0, 1)
+    print(f"warm start: {warm} (loss {info.get('final_loss')}, {info['wall_seconds_this_run']} s this run)", flush=True)
+    return str(warm), info
+
+
+def run_one(cfg, system, out: Path, resume: bool, progress: bool, position: int = 0) -> dict:
+    from services.data.datasets import load_items
+    from services.loop.trainer import Trainer
+    from services.loop.metrics import RunMetrics
+
+    train_items, eval_items = load_items(cfg.data)
+    metrics = RunMetrics(cfg.run_name, cfg.trainer.metrics_port, cfg.trainer.metrics_host)
+    try:
+        trainer = Trainer(cfg, system.components(metrics), train_items, eval_items, out, progress=progress,
+                          progress_position=position)
+        trainer.fit(resume=resume)
+    finally:
+        metrics.close()
+    return {"dir": out, "rows": trainer.log.rows(), "summary": json.loads((out / "summary.json").read_text())}
+
+
+def finish(cfg, out: Path, runs: dict, warm: dict, wall: float) -> None:
+    from services.loop.outputs import plot_entropy, write_json
+
+    summary = runs[cfg.algorithm.type]["summary"]
+    summary["wall_seconds"] = round(wall, 1)
+    summary["warm_start"] = warm
+    if len(runs) > 1:
+        summary["compare"] = {name: r["summary"] for name, r in runs.items() if name != cfg.algorithm.type}
+    write_json(out / "summary.json", summary)
+    plot = plot_entropy({name: r["rows"] for name, r in runs.items()}, out / "entropy.png")
+    print(trajectory_table(runs))
+    print(f"\nsummary: {out / 'summary.json'}\nplot:    {plot}\nmetrics: {out / 'metrics.jsonl'}")
+
+
+def trajectory_table(runs: dict) -> str:
+    """Entropy every 10 steps, one column per run, and each run's tracking error and accuracy."""
+    names = list(runs)
+    steps = sorted({r["step"] for run in runs.values() for r in run["rows"] if r["step"] % 10 == 0})
+    by = {n: {r["step"]: r for r in runs[n]["rows"]} for n in names}
+    lines = ["step " + "".join(f"{n + ' H':>16}" for n in names) + f"{'H*':>8}"]
+    for s in steps:
+        tgt = next((by[n][s].get("entropy_target") for n in names if s in by[n] and by[n][s].get("entropy_target") is not None), None)
+        cells = "".join(f"{by[n][s]['entropy']:>16.3f}" if s in by[n] and by[n][s].get("entropy") is not None else f"{'':>16}" for n in names)
+        lines.append(f"{s:>4} {cells}{tgt if tgt is None else round(tgt, 3)!s:>8}")
+    for n in names:
+        sm = runs[n]["summary"]
+        err = sm.get("mean_abs_entropy_error_second_half")
+        before, after = sm.get("eval_before", {}), sm.get("eval_after", {})
+        acc = next((k for k in after if k.startswith("eval_avg@")), None)
+        if sm.get("entropy_first") is None:  # a 0-step run: evaluation only
+            lines.append(f"{n}: no RL steps" + (f", held-out {acc} {after[acc]:.3f}" if acc else ""))
+            continue
+        lines.append(
+            f"{n}: entropy {sm.get('entropy_first'):.3f} -> {sm.get('entropy_last'):.3f}"
+            + (f", mean |H-H*| 2nd half {err:.3f}" if err is not None else "")
+            + (f", held-out {acc} {before.get(acc, float('nan')):.3f} -> {after[acc]:.3f}" if acc else "")
+        )
+    return "\n".join(lines)
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(prog="python -m services.cli.train", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

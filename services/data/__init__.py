@@ -1,0 +1,1 @@
+"""Task data: datasets from files, the resumable prompt stream, the Countdown toy."""

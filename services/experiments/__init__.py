@@ -1,0 +1,1 @@
+"""Experiment grids (`aepo experiment`) and their report."""

@@ -1,0 +1,1 @@
+"""The RL loop: the Trainer and its step pieces, evaluation, checkpoints, run outputs and metrics."""

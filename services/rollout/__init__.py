@@ -1,0 +1,1 @@
+"""Rollout generation: the rollout service (one Ray actor), the pool of them, and the engine adapters."""

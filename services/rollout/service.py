@@ -1,0 +1,252 @@
+"""The rollout service: one engine per actor, a pool of actors per cluster.
+
+`RolloutService` is a plain class (so tests and the .venv-vllm environment use it without Ray);
+`RolloutPool` runs `num_actors` of them as Ray actors and fans calls out. One call may mix
+temperatures: the GRPO batch at T=1 and the AEPO regularizer batch at T_reg are two
+`SamplingRequest`s of one `generate_many`, which the engine serves in one batch.
+
+Weight sync: after each learner update the driver hands the new full state dict (an ObjectRef from
+`LearnerGroup.state_dict_ref()`, so it is gathered once and shipped by Ray's object store) to
+`load_weights(version, weights)`; samples carry the policy version they were drawn from.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Hashable, Iterable, Sequence
+
+from services.config import RolloutConfig
+from services.rollout.engines import EngineRequest, make_engine
+
+PromptId = Hashable  # the driver's prompt item or any id; carried through to the samples
+# vLLM rejects temperatures above 2; fail before the engine does, naming the setting.
+VLLM_MAX_TEMPERATURE = 2.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One response. `response_ids` ends with eos when finish_reason is 'stop'."""
+
+    prompt_id: PromptId
+    prompt_ids: list[int]
+    response_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    temperature: float
+    policy_version: int
+    engine: str
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """`n` samples of every prompt at one temperature; None means the RolloutConfig's value."""
+
+    prompts: Sequence[tuple[PromptId, Sequence[int]]]
+    n: int
+    temperature: float
+    top_p: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass
+class RolloutResult:
+    """Per request, its samples prompt-major (prompt 0's n samples, then prompt 1's, ...)."""
+
+    samples: list[list[Sample]]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def encode_prompts(
+    tokenizer, items: Iterable[tuple[PromptId, str]], chat_template: bool = False
+) -> list[tuple[PromptId, list[int]]]:
+    """(prompt_id, text) pairs → (prompt_id, token ids), the form every engine takes."""
+    from services.model.tiny import encode_prompt
+
+    return [(pid, encode_prompt(tokenizer, text, chat_template)) for pid, text in items]
+
+
+def engine_options(cfg: RolloutConfig) -> dict[str, Any]:
+    """The adapter's keyword arguments from the rollout config."""
+    if cfg.engine == "hf":
+        return {"dtype": cfg.dtype, "max_batch_rows": cfg.max_batch_rows}
+    return {
+        "dtype": None if cfg.dtype == "auto" else cfg.dtype,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization,
+        "max_model_len": cfg.max_model_len,
+        "enforce_eager": cfg.enforce_eager,
+    }
+
+
+class RolloutService:
+    """One engine, its policy version, and generation statistics."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig | None = None, seed: int = 0, threads: int | None = None):
+        if threads is not None:  # as an actor: as many torch threads as CPUs reserved, no more
+            import torch
+
+            torch.set_num_threads(threads)
+        self.cfg = cfg or RolloutConfig()
+        self.engine = make_engine(self.cfg.engine, model_path, seed=seed, **engine_options(self.cfg))
+        self.version = 0
+
+    def set_threads(self, threads: int) -> int:
+        """Torch threads for generation from now on (e.g. more once a run sharing the cores ends)."""
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        return torch.get_num_threads()
+
+    def ready(self) -> dict[str, Any]:
+        """The engine's name and policy version (a cheap call to await actor start-up)."""
+        return {"engine": self.engine.name, "policy_version": self.version}
+
+    def generate(
+        self,
+        prompts: Sequence[tuple[PromptId, Sequence[int]]],
+        n: int,
+        temperature: float,
+        seed: int | None = None,
+        *,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+    ) -> list[Sample]:
+        """`n` samples of each prompt at `temperature`, prompt-major; top_p/max_tokens default to the config."""
+        req = SamplingRequest(prompts, n, temperature, top_p, max_tokens)
+        return self.generate_many([req], seed=seed).samples[0]
+
+    def generate_many(self, requests: Sequence[SamplingRequest], seed: int | None = None) -> RolloutResult:
+        """Every request in one engine call (temperatures may differ per request)."""
+        engine_reqs, owners = [], []
+        for r_idx, req in enumerate(requests):
+            self._check_temperature(req.temperature)
+            for pid, ids in req.prompts:
+                engine_reqs.append(
+                    EngineRequest(
+                        prompt_ids=list(ids),
+                        n=req.n,
+                        temperature=req.temperature,
+                        top_p=self.cfg.top_p if req.top_p is None else req.top_p,
+                        max_tokens=self.cfg.max_tokens if req.max_tokens is None else req.max_tokens,
+                        seed=seed,
+                    )
+                )
+                owners.append((r_idx, pid))
+        t0 = time.perf_counter()
+        outputs = self.engine.generate(engine_reqs)
+        gen_s = time.perf_counter() - t0
+        samples: list[list[Sample]] = [[] for _ in requests]
+        for ereq, (r_idx, pid), outs in zip(engine_reqs, owners, outputs):
+            for out in outs:
+                samples[r_idx].append(
+                    Sample(pid, list(ereq.prompt_ids), out.response_ids, out.finish_reason,
+                           ereq.temperature, self.version, self.engine.name)
+                )
+        tokens = sum(len(s.response_ids) for group in samples for s in group)
+        stats = {"gen_s": gen_s, "gen_tokens": float(tokens), "gen_tokens_per_s": tokens / max(gen_s, 1e-9)}
+        return RolloutResult(samples, stats)
+
+    def _check_temperature(self, temperature: float) -> None:
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        if self.engine.name.startswith("vllm") and temperature > VLLM_MAX_TEMPERATURE:
+            raise ValueError(f"vLLM rejects temperature {temperature} > {VLLM_MAX_TEMPERATURE}")
+
+    def load_weights(self, version: int, weights: dict) -> dict[str, float]:
+        """Swap in the learner's weights (HF state-dict names; tensors, or the numpy arrays
+        `LearnerGroup.state_dict_ref` ships); returns {'sync_s', 'policy_version'}."""
+        from services.backends.wire import from_wire
+
+        t0 = time.perf_counter()
+        self.engine.load_weights(from_wire(weights))
+        self.version = int(version)
+        return {"sync_s": time.perf_counter() - t0, "policy_version": float(self.version)}
+
+    def get_policy_version(self) -> int:
+        """The version of the weights the engine samples from (0 = the initial checkpoint)."""
+        return self.version
+
+    def close(self) -> None:
+        """Release the engine."""
+        self.engine.close()
+
+
+def rollout_resources(cfg: RolloutConfig) -> dict[str, float]:
+    """Ray resources of one rollout actor: vLLM needs a GPU unless told otherwise."""
+    gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cfg.engine == "vllm" else 0.0)
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
+
+
+def _split(items: Sequence, k: int) -> list[Sequence]:
+    """k contiguous, near-equal chunks (the first ones one longer), in order."""
+    q, r = divmod(len(items), k)
+    bounds = [0]
+    for i in range(k):
+        bounds.append(bounds[-1] + q + (1 if i < r else 0))
+    return [items[bounds[i] : bounds[i + 1]] for i in range(k)]
+
+
+class RolloutPool:
+    """`cfg.num_actors` RolloutService actors; prompts are split across them, weights broadcast."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0):
+        import ray
+
+        self.cfg = cfg
+        remote_cls = ray.remote(RolloutService)
+        self.actors = [
+            remote_cls.options(**rollout_resources(cfg)).remote(model_path, cfg, seed + i, cfg.torch_threads or max(1, int(cfg.cpus_per_actor)))
+            for i in range(cfg.num_actors)
+        ]
+        ray.get([a.ready.remote() for a in self.actors])
+
+    def generate_many(self, requests: Sequence[SamplingRequest], seed: int | None = None) -> RolloutResult:
+        """Each request's prompts split contiguously across actors; results merged in order."""
+        import ray
+
+        k = len(self.actors)
+        per_actor = [[] for _ in range(k)]
+        for req in requests:
+            for a, chunk in enumerate(_split(list(req.prompts), k)):
+                per_actor[a].append(SamplingRequest(chunk, req.n, req.temperature, req.top_p, req.max_tokens))
+        t0 = time.perf_counter()
+        results = ray.get(
+            [actor.generate_many.remote(reqs, None if seed is None else seed + 7919 * a)
+             for a, (actor, reqs) in enumerate(zip(self.actors, per_actor))]
+        )
+        wall = time.perf_counter() - t0
+        merged = [[s for res in results for s in res.samples[i]] for i in range(len(requests))]
+        tokens = sum(res.stats["gen_tokens"] for res in results)
+        stats = {"gen_s": wall, "gen_tokens": tokens, "gen_tokens_per_s": tokens / max(wall, 1e-9)}
+        return RolloutResult(merged, stats)
+
+    def generate(self, prompts, n: int, temperature: float, seed=None, *, top_p=None, max_tokens=None) -> list[Sample]:
+        """`RolloutService.generate` across the pool."""
+        return self.generate_many([SamplingRequest(prompts, n, temperature, top_p, max_tokens)], seed).samples[0]
+
+    def set_threads(self, threads: int) -> list[int]:
+        """`RolloutService.set_threads` on every actor."""
+        import ray
+
+        return ray.get([a.set_threads.remote(threads) for a in self.actors])
+
+    def load_weights(self, version: int, weights) -> dict[str, float]:
+        """Broadcast weights (a state dict or an ObjectRef to one) to every actor; returns sync stats."""
+        import ray
+
+        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        t0 = time.perf_counter()
+        per_actor = ray.get([a.load_weights.remote(version, ref) for a in self.actors])
+        return {
+            "sync_s": time.perf_counter() - t0,
+            "engine_sync_s": max(r["sync_s"] for r in per_actor),
+            "policy_version": float(version),
+        }
+
+    def shutdown(self) -> None:
+        """Close the engines and end the actors."""
+        import ray
+
+        ray.get([a.close.remote() for a in self.actors])
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

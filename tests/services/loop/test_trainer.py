@@ -1,0 +1,227 @@
+"""The RL loop's orchestration, with small fakes around the real controller rule and math."""
+
+import json
+import random
+
+import pytest
+
+from controller.actor import ControllerCore, MemoryStore
+from services.config import TrainConfig
+from services.data.datasets import PromptItem
+from services.loop.trainer import Components, Rollout, Trainer
+
+
+class CharTokenizer:
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+class FakeController:
+    """The real ControllerCore (pure rule + state), called in-process."""
+
+    def __init__(self, cfg, store=None):
+        self.core = ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store or MemoryStore())
+
+    def plan(self, step):
+        return self.core.plan(step)
+
+    def observe(self, step, h, source="exact"):
+        self.core.observe(step, h, source)
+
+    def record_selection(self, step, n):
+        self.core.record_selection(step, n)
+
+    def target(self, step):
+        return self.core.target(step) if hasattr(self.core.algorithm, "target") else None
+
+    def state(self):
+        return self.core.state()
+
+    def restore(self, state):
+        self.core.restore(state)
+
+
+class FakeRollout:
+    """'good' answers with probability p(T) (hotter -> more mistakes); asks the controller for T_reg."""
+
+    def __init__(self, controller):
+        self.controller = controller
+        self.version = 0
+        self.calls = []
+
+    def generate(self, prompts, n, temperature, seed):
+        rng = random.Random(seed)
+        self.calls.append(("generate", [p.id for p, _ in prompts], temperature))
+        out = []
+        for item, ids in prompts:
+            for _ in range(n):
+                text = "good" if rng.random() < 0.5 else "bad"
+                out.append(Rollout(item, ids, [ord(c) for c in text], "stop", temperature, self.version, "fake"))
+        return out
+
+    def generate_step(self, step, prompts, reg_prompts, n, seed):
+        grpo = self.generate(prompts, n, 1.0, seed)
+        if not reg_prompts:
+            return grpo, [], {}
+        plan = self.controller.plan(step)
+        self.calls.append(("plan", step, plan["temperature"]))
+        return grpo, self.generate(reg_prompts, n, plan["temperature"], seed + 1), plan
+
+    def load_weights(self, version, weights):
+        assert weights["version"] == version - 1 or weights["version"] == version
+        self.version = version
+        return 0.001
+
+
+class FakeReward:
+    def __init__(self, fail_every=0):
+        self.fail_every = fail_every
+        self.calls = 0
+
+    def verify(self, items):
+        self.calls += 1
+        out = []
+        for i, it in enumerate(items):
+            if self.fail_every and i % self.fail_every == 0:
+                out.append({"id": it["id"], "reward": 0, "outcome": "timeout", "detail": "deadline"})
+            else:
+                ok = it["response"] == "good"
+                out.append({"id": it["id"], "reward": int(ok), "outcome": "correct" if ok else "incorrect", "detail": ""})
+        return out
+
+
+class FakeLearner:
+    """Publishes a scripted entropy per step to the controller, like the real learners do."""
+
+    def __init__(self, controller, entropies, crash_at=None):
+        self.controller, self.entropies, self.crash_at = controller, entropies, crash_at
+        self.version, self.batches = 0, []
+
+    def update(self, batch, step):
+        if step == self.crash_at:
+            raise RuntimeError("learner died")
+        self.batches.append((step, batch))
+        h = self.entropies[step % len(self.entropies)]
+        self.controller.observe(step, h, "exact")
+        self.version += 1
+        return {"entropy": h, "entropy_sampled": h + 0.01, "entropy_regularizer": float("nan"), "pg_loss": 0.0,
+                "tokens_per_s": 100.0}
+
+    def full_weights(self):
+        return {"version": self.version}
+
+    def save(self, path):
+        from pathlib import Path
+
+        Path(path).mkdir(parents=True)
+        (Path(path) / "state.json").write_text(json.dumps({"version": self.version}))
+
+    def load(self, path):
+        from pathlib import Path
+
+        self.version = json.loads((Path(path) / "state.json").read_text())["version"]
+
+
+def make_cfg(**over):
+    base = {
+        "run_name": "fake",
+        "algorithm": {"type": "aepo", "target": {"type": "constant", "value": 0.35}, "prompt_share": 0.5,
+                      "rule": {"m_up": 6, "m_down": 3}, "mode": "replace"},
+        "rollout": {"group_size": 4},
+        "trainer": {"steps": 4, "prompts_per_step": 4, "eval_every": 0, "save_every": 0, "eval_samples": 4},
+    }
+    for k, v in over.items():
+        base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) and k != "algorithm" else v
+    return TrainConfig.model_validate(base)
+
+
+def items(n, split="train"):
+    return [PromptItem(f"{split}-{i}", f"q{i}", {"a": i}, "exact") for i in range(n)]
+
+
+def build(tmp_path, cfg, entropies=(0.5,), crash_at=None, reward=None, store=None):
+    ctl = FakeController(cfg, store)
+    learner = FakeLearner(ctl, list(entropies), crash_at)
+    parts = Components(FakeRollout(ctl), reward or FakeReward(), learner, ctl, CharTokenizer())
+    return Trainer(cfg, parts, items(12), items(3, "eval"), tmp_path / "run", progress=False), parts
+
+
+def test_an_aepo_step_trains_on_correct_regularizer_positives_that_replace_grpo_rows(tmp_path):
+    cfg = make_cfg()
+    trainer, parts = build(tmp_path, cfg)
+    row = trainer.train_step()
+    step, batch = parts.learner.batches[0]
+    n_reg = sum(batch["is_regularizer"])
+    assert n_reg == row["reg_selected"] <= 6  # m_up = 6 on the first step (nothing observed yet: up)
+    assert len(batch["is_regularizer"]) == 4 * 4  # replace: the batch keeps B x G rows
+    for resp, adv, flag in zip(batch["response_ids"], batch["advantages"], batch["is_regularizer"]):
+        if flag:
+            assert "".join(map(chr, resp)) == "good" and adv == 1.0
+    assert row["reg_temperature"] == 1.2 and row["reg_direction"] == "up"
+    logged = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    reg_logged = [r for r in logged if r["kind"] == "regularizer"]
+    assert len(reg_logged) == n_reg and len(logged) == n_reg + 4
+    assert all(r["temperature"] == 1.2 and r["reward"] == 1.0 and r["advantage"] == 1.0 for r in reg_logged)
+    # the regularizer batch came from half of the prompts, drawn after the GRPO batch
+    kinds = [c for c in parts.rollout.calls if c[0] == "generate"]
+    assert kinds[0][2] == 1.0 and len(kinds[1][1]) == 2 and kinds[1][2] == 1.2
+
+
+def test_the_regularizer_temperature_flips_when_published_entropy_crosses_the_target(tmp_path):
+    trainer, parts = build(tmp_path, make_cfg(), entropies=(0.5, 0.2, 0.5, 0.2))
+    temps = [trainer.train_step()["reg_temperature"] for _ in range(4)]
+    # step 0: nothing observed -> 1.2; then H=0.5 > 0.35 -> 0.8; H=0.2 -> 1.2; H=0.5 -> 0.8
+    assert temps == [1.2, 0.8, 1.2, 0.8]
+
+
+def test_grpo_draws_no_regularizer_batch(tmp_path):
+    cfg = make_cfg(algorithm={"type": "grpo"})
+    trainer, parts = build(tmp_path, cfg)
+    row = trainer.train_step()
+    assert not any(c[0] == "plan" for c in parts.rollout.calls)
+    assert not any(parts.learner.batches[0][1]["is_regularizer"])
+    assert row["reg_temperature"] is None and row["entropy_target"] is None
+
+
+def test_metrics_rows_carry_the_entropy_series_and_the_time_split(tmp_path):
+    trainer, _ = build(tmp_path, make_cfg(trainer={"steps": 2}), entropies=(0.4, 0.3))
+    trainer.fit()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1]
+    for key in ("step", "algorithm", "entropy", "entropy_target", "reg_temperature", "reg_selected", "reward_mean",
+                "policy_version", "step_seconds"):
+        assert key in rows[0], key
+    assert set(rows[0]["time"]) >= {"rollout", "reward", "learner", "weight_sync", "controller"}
+    assert [r["policy_version"] for r in rows] == [1, 2]
+    assert rows[0]["entropy_regularizer"] is None  # NaN from the learners is written as JSON null
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and (tmp_path / "run" / "entropy.png").stat().st_size > 0
+    assert "eval_before" in summary and "eval_pass@1" in summary["eval_after"]
+
+
+def test_timeouts_score_zero_and_are_counted_without_stopping_training(tmp_path):
+    trainer, _ = build(tmp_path, make_cfg(), reward=FakeReward(fail_every=5))
+    row = trainer.train_step()
+    assert row["reward_failures"]["timeout"] > 0
+
+
+def test_a_killed_run_resumes_at_the_checkpoint_with_controller_state_and_data_position(tmp_path):
+    cfg = make_cfg(trainer={"steps": 5, "save_every": 2})
+    first, parts = build(tmp_path, cfg, entropies=(0.5, 0.2, 0.5, 0.2, 0.5), crash_at=3)
+    with pytest.raises(RuntimeError, match="learner died"):
+        first.fit()
+    prompts_seen = {s: b["prompt_ids"] for s, b in parts.learner.batches}
+    # a fresh process: new components, new (in-memory) controller, same output dir
+    second, parts2 = build(tmp_path, cfg, entropies=(0.5, 0.2, 0.5, 0.2, 0.5))
+    second.fit(resume=True)
+    assert parts2.learner.batches[0][0] == 2  # restarted at the checkpoint after 2 steps
+    assert parts2.learner.batches[0][1]["prompt_ids"][-1] == prompts_seen[2][-1]  # same data position
+    # the restored controller had seen H=0.2 at step 1 -> step 2 plans up, as before the crash
+    assert parts2.rollout.calls[0] == ("generate", parts2.rollout.calls[0][1], 1.0)
+    assert [c for c in parts2.rollout.calls if c[0] == "plan"][0] == ("plan", 2, 1.2)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert parts2.learner.version == 5 and rows[-1]["policy_version"] == 5
