@@ -17,6 +17,7 @@ import math
 import time
 from typing import Any, Protocol
 
+from controller.client import LocalControllerClient
 from controller.rule import Plan, plan as decide, target_at
 from services.config import AEPOConfig, AlgorithmConfig, ControllerConfig
 
@@ -113,7 +114,7 @@ class ControllerCore:
             raise ValueError(f"observation for step {step} arrived after step {last['step']} ({source})")
         self._state["last"][source] = {"step": int(step), "entropy": entropy, "time": time.time()}
         self.store.save(self._state)
-        self.metrics.observed(source, entropy, self.target(step) if self._is_aepo else None)
+        self.metrics.observed(source, entropy, self.target(step))
         return self._state["last"][source]
 
     # ------------------------------------------------------------------ the rollout service's side
@@ -156,8 +157,9 @@ class ControllerCore:
         self.store.save(self._state)
 
     # ------------------------------------------------------------------ inspection
-    def target(self, step: int) -> float:
-        return target_at(self.algorithm.target, step)
+    def target(self, step: int) -> float | None:
+        """The entropy target at `step`; None for an algorithm without one (GRPO, the baselines)."""
+        return target_at(self.algorithm.target, step) if self._is_aepo else None
 
     def state(self) -> dict[str, Any]:
         """Everything the controller knows: last observations, the decision log tail, its store."""
@@ -172,8 +174,10 @@ class ControllerCore:
         return isinstance(self.algorithm, AEPOConfig)
 
 
-class EntropyControllerActor:
-    """Ray actor body; create with `start_controller` (named, so dashboards and drivers can find it)."""
+class EntropyControllerActor(LocalControllerClient):
+    """Ray actor body: the local client around a `ControllerCore`, run remotely; create it with
+    `start_controller` (named, so dashboards and drivers can find it) and call it through
+    `controller.client.RayControllerClient`."""
 
     def __init__(self, algorithm: dict, config: dict, run_id: str) -> None:
         from pydantic import TypeAdapter
@@ -181,25 +185,7 @@ class EntropyControllerActor:
         alg = TypeAdapter(AlgorithmConfig).validate_python(algorithm)
         cfg = ControllerConfig.model_validate(config)
         store = RedisStore(cfg.redis_url, run_id) if cfg.redis_url else MemoryStore()
-        self.core = ControllerCore(alg, cfg, run_id, store=store)
-
-    def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
-        return self.core.observe(step, entropy, source)
-
-    def plan(self, step: int) -> dict:
-        return self.core.plan(step)
-
-    def record_selection(self, step: int, n_selected: int) -> None:
-        self.core.record_selection(step, n_selected)
-
-    def state(self) -> dict:
-        return self.core.state()
-
-    def restore(self, state: dict) -> None:
-        self.core.restore(state)
-
-    def target(self, step: int) -> float | None:
-        return self.core.target(step) if isinstance(self.core.algorithm, AEPOConfig) else None
+        super().__init__(ControllerCore(alg, cfg, run_id, store=store))
 
 
 def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_id: str, detached: bool = False):

@@ -84,7 +84,9 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
     import torch
 
     from services.config import AEPOConfig
-    from services.learner.worker import LearnerWorker, TrainBatch, build_fsdp_model, make_adamw, shard_batch
+    from services.learner.batch import TrainBatch, shard_batch
+    from services.learner.fsdp import build_fsdp_model, make_adamw
+    from services.learner.worker import LearnerWorker
 
     rng = random.Random(0)
     batch = TrainBatch.from_sequences([p for p, _ in rows], [r for _, r in rows], [rng.gauss(0, 1) for _ in rows],
@@ -123,7 +125,7 @@ def bench_sft(model_path: str, cfg, reps: int) -> None:
     import torch
 
     from services.data.countdown import make_splits
-    from services.learner.worker import make_adamw
+    from services.learner.fsdp import make_adamw
     from services.model.tiny import load_causal_lm, load_tokenizer
     from services.model.precision import autocast_layers, decoder_layers
     from services.model.warmstart import SFT_MICRO_BATCHES, sft_backward, sft_batch
@@ -165,7 +167,8 @@ def _gather_worker(rank: int, world: int, model_path: str, port: int, reps: int,
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from services.config import LearnerConfig
-    from services.learner.worker import build_fsdp_model, gather_full_state
+    from services.learner.fsdp import build_fsdp_model
+    from services.learner.gather import gather_full_state
 
     model = build_fsdp_model(model_path, LearnerConfig(), torch.device("cpu"))
     ways = {
@@ -205,7 +208,7 @@ def bench_gather(model_path: str, reps: int) -> None:
 def bench_ray_sync(model_path: str, cfg, reps: int) -> None:
     import ray
 
-    from services.learner.worker import LearnerGroup
+    from services.learner.group import LearnerGroup
     from services.rollout.service import RolloutPool
     from services.backends.ray_cluster import init_ray, learner_config
 

@@ -87,7 +87,8 @@ def bench_learners(args, path: str, samples) -> list[dict]:
     import torch
 
     from services.config import GRPOConfig, LearnerConfig
-    from services.learner.worker import LearnerGroup, TrainBatch
+    from services.learner.batch import TrainBatch
+    from services.learner.group import LearnerGroup
     from services.backends.ray_cluster import init_ray
 
     init_ray(num_cpus=os.cpu_count() or 2)  # local, loopback only

@@ -19,7 +19,8 @@ import socket
 from typing import Any
 
 from services.config import AEPOConfig, TrainConfig, learner_config
-from services.backends.ray_cluster import PolicySystem, TokenizerAdapter, driver_stats
+from controller.client import LocalControllerClient
+from services.backends.ray_cluster import PolicySystem, TokenizerAdapter
 
 log = logging.getLogger("aepo")
 
@@ -49,43 +50,18 @@ class InlineReward:
         return out
 
 
-class LocalController:
-    """`ControllerCore` behind the driver's controller protocol (and the rollout adapter's `plan`)."""
-
-    def __init__(self, core) -> None:
-        self.core = core
-
-    def plan(self, step: int) -> dict:
-        return self.core.plan(step)
-
-    def record_selection(self, step: int, n: int) -> None:
-        self.core.record_selection(step, n)
-
-    def target(self, step: int) -> float | None:
-        return self.core.target(step) if isinstance(self.core.algorithm, AEPOConfig) else None
-
-    def state(self) -> dict:
-        return self.core.state()
-
-    def restore(self, state: dict) -> None:
-        self.core.restore(state)
-
-
 class LocalLearner:
     """One `LearnerWorker` rank in this process; publishes the step's entropy to the controller
     core exactly as the Ray learners publish to the controller actor."""
 
-    def __init__(self, worker, pad_id: int, controller: LocalController) -> None:
+    def __init__(self, worker, pad_id: int, controller: LocalControllerClient) -> None:
         self.worker, self.pad_id, self.controller = worker, pad_id, controller
         self.compute = worker.compute_info()  # device and precision, for the run summary
 
     def update(self, batch: dict, step: int) -> dict:
-        from services.learner.worker import TrainBatch
+        from services.learner.batch import TrainBatch
 
-        stats = self.worker.update(TrainBatch.from_dict(batch, self.pad_id), step=step)
-        self.controller.core.observe(step, stats["entropy_exact_grpo"], "exact")
-        self.controller.core.observe(step, stats["entropy_sampled_grpo"], "sampled")
-        return driver_stats(stats)
+        return self.worker.update(TrainBatch.from_dict(batch, self.pad_id), step=step, controller=self.controller)
 
     def full_weights(self) -> dict:
         return self.worker.full_state_dict()
@@ -123,7 +99,7 @@ class LocalSystem(PolicySystem):
 
         cfg = self.cfg
         store = RedisStore(cfg.controller.redis_url, cfg.run_name) if cfg.controller.redis_url else MemoryStore()
-        self.controller = LocalController(ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store))
+        self.controller = LocalControllerClient(ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store))
         lcfg = learner_config(cfg).model_copy(update={"num_workers": 1, "device": "cpu"})
         self.worker = LearnerWorker(0, 1, self.model_path, lcfg, cfg.algorithm, seed=cfg.trainer.seed, device="cpu")
         self.worker.setup("127.0.0.1", _free_port())

@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Any
 
+from controller.client import ControllerClient, RayControllerClient
 from services.config import AEPOConfig, TrainConfig, learner_config
 from services.data.datasets import PromptItem
 from services.loop.trainer import Components, Rollout
@@ -73,35 +74,10 @@ class RewardAdapter:
         return [r.model_dump() for r in self.client.verify_sync(items)]
 
 
-class ControllerAdapter:
-    def __init__(self, handle):
-        self.handle = handle
-
-    def _get(self, ref):
-        import ray
-
-        return ray.get(ref)
-
-    def plan(self, step: int) -> dict:
-        return self._get(self.handle.plan.remote(step))
-
-    def record_selection(self, step: int, n: int) -> None:
-        self._get(self.handle.record_selection.remote(step, n))
-
-    def target(self, step: int) -> float | None:
-        return self._get(self.handle.target.remote(step))
-
-    def state(self) -> dict:
-        return self._get(self.handle.state.remote())
-
-    def restore(self, state: dict) -> None:
-        self._get(self.handle.restore.remote(state))
-
-
 class RolloutAdapter:
     """RolloutPool behind the driver's protocol; asks the controller for the regularizer plan."""
 
-    def __init__(self, pool, controller: ControllerAdapter | None):
+    def __init__(self, pool, controller: ControllerClient | None):
         self.pool, self.controller = pool, controller
 
     @staticmethod
@@ -139,23 +115,15 @@ class RolloutAdapter:
         return float(self.pool.load_weights(version, weights)["sync_s"])
 
 
-def driver_stats(stats: dict) -> dict:
-    """The learners' update stats under the names the driver's metrics row uses."""
-    return {
-        **stats,
-        "entropy": stats.get("entropy_exact_grpo"),
-        "entropy_sampled": stats.get("entropy_sampled_grpo"),
-        "entropy_regularizer": stats.get("entropy_exact_reg"),
-    }
-
-
 class LearnerAdapter:
-    def __init__(self, group, controller_name: str):
-        self.group, self.controller_name = group, controller_name
+    """The learner group behind the driver's protocol; rank 0 publishes entropy to `controller`."""
+
+    def __init__(self, group, controller: ControllerClient):
+        self.group, self.controller = group, controller
         self.compute = group.compute  # device and precision, for the run summary
 
     def update(self, batch: dict, step: int) -> dict:
-        return driver_stats(self.group.update(batch, step=step, publish_to=self.controller_name))
+        return self.group.update(batch, step=step, controller=self.controller)
 
     def full_weights(self):
         return self.group.state_dict_ref()  # an ObjectRef: gathered once, shipped by the object store
@@ -294,13 +262,13 @@ class System(PolicySystem):
 
     def _start_policy_side(self) -> None:
         from controller.actor import start_controller
-        from services.learner.worker import LearnerGroup
+        from services.learner.group import LearnerGroup
         from services.model.tiny import load_tokenizer
         from services.rollout.service import RolloutPool
 
         cfg = self.cfg
         self.controller_handle = start_controller(cfg.algorithm, cfg.controller, cfg.run_name)
-        self.controller = ControllerAdapter(self.controller_handle)
+        self.controller = RayControllerClient(self.controller_handle)
         self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed)
         self.pool = RolloutPool(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
         self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template)
@@ -321,7 +289,7 @@ class System(PolicySystem):
         return self.pool
 
     def _learner(self):
-        return LearnerAdapter(self.learners, self.cfg.controller.name)
+        return LearnerAdapter(self.learners, self.controller)
 
     def _stop_policy_side(self) -> None:
         import ray

@@ -265,7 +265,7 @@ class Trainer:
             "entropy": stats.get("entropy"),
             "entropy_sampled": stats.get("entropy_sampled"),
             "entropy_regularizer": stats.get("entropy_regularizer"),
-            "entropy_target": plan.get("target", parts.controller.target(step)),
+            "entropy_target": plan.get("target"),  # only AEPO has a target, and it always plans
             "reg_temperature": plan.get("temperature"),
             "reg_m": plan.get("m"),
             "reg_direction": plan.get("direction"),

@@ -103,7 +103,7 @@ def _train_loop(config: dict) -> None:
     import ray.train.torch
 
     from services.data.countdown import make_splits
-    from services.learner.worker import make_adamw
+    from services.learner.fsdp import make_adamw
     from services.model.tiny import load_causal_lm, load_tokenizer
     from services.model.precision import autocast_layers, decoder_layers
 

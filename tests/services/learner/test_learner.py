@@ -18,7 +18,9 @@ from services.config import (
     KLCovConfig,
     LearnerConfig,
 )
-from services.learner.worker import LearnerGroup, LearnerWorker, TrainBatch, shard_batch
+from services.learner.batch import TrainBatch, shard_batch
+from services.learner.group import LearnerGroup
+from services.learner.worker import LearnerWorker
 
 # 2 learners share the 2-CPU test machine with whatever else the session runs: a quarter CPU each.
 CFG = LearnerConfig(num_workers=2, cpus_per_worker=0.25, lr=1e-4, micro_batch_size=2, mini_batches=2, grad_clip=1.0)
@@ -52,9 +54,9 @@ def reference_update(model_path: str, cfg: LearnerConfig, algo, batch: TrainBatc
     grpo = mask * (~batch.is_regularizer).unsqueeze(1)
     reg = mask * batch.is_regularizer.unsqueeze(1)
     entropy = {
-        "entropy_exact_grpo": float(alg.masked_mean(ent, grpo)),
-        "entropy_exact_reg": float(alg.masked_mean(ent, reg)),
-        "entropy_sampled_grpo": float(alg.sampled_entropy_estimate(old, grpo)),
+        "entropy": float(alg.masked_mean(ent, grpo)),
+        "entropy_regularizer": float(alg.masked_mean(ent, reg)),
+        "entropy_sampled": float(alg.sampled_entropy_estimate(old, grpo)),
         "entropy_sampled_batch": float(alg.sampled_entropy_estimate(old, mask)),
     }
     per = len(batch) // cfg.mini_batches
@@ -172,10 +174,10 @@ def test_every_loss_variant_takes_a_finite_step_on_one_in_process_rank(tiny_mode
         stats = worker.update(batch)
     finally:
         worker.shutdown()
-    assert stats["optimizer_steps"] == 1 and all(v == v for k, v in stats.items() if k != "entropy_exact_reg")
+    assert stats["optimizer_steps"] == 1 and all(v == v for k, v in stats.items() if k != "entropy_regularizer")
     if isinstance(algo, EntropyRegConfig):
         # the bonus is beta * token-mean entropy: 0.015 * ~3.1 nats at random init
-        assert stats["entropy_bonus"] == pytest.approx(algo.beta * stats["entropy_exact_grpo"], rel=1e-4)
+        assert stats["entropy_bonus"] == pytest.approx(algo.beta * stats["entropy"], rel=1e-4)
     if isinstance(algo, AEPOConfig):
         assert stats["reg_loss"] != 0 and stats["reg_tokens"] > 0
 
@@ -183,7 +185,7 @@ def test_every_loss_variant_takes_a_finite_step_on_one_in_process_rank(tiny_mode
 def assert_same_update(stats_a, weights_a, stats_b, weights_b) -> None:
     """Two one-rank updates that must agree: weights within 1e-6, losses and entropy stats within 1e-5."""
     assert max_abs_diff(weights_a, weights_b) < 1e-6
-    for key in ("entropy_exact_grpo", "entropy_exact_reg", "entropy_sampled_grpo", "pg_loss", "reg_loss", "grad_norm"):
+    for key in ("entropy", "entropy_regularizer", "entropy_sampled", "pg_loss", "reg_loss", "grad_norm"):
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-5, abs=1e-7), key
 
 
@@ -217,7 +219,7 @@ def test_entropy_decomposition_adds_up_to_the_mean(tiny_model_path):
     cfg = LearnerConfig(num_workers=1, cpus_per_worker=2, micro_batch_size=4,
                         entropy_analysis={"irrelevant_tokens": [" "], "position_bucket": 2, "position_buckets": 4})
     stats, _ = _one_rank_update(tiny_model_path, cfg, AEPOConfig(mode="replace"), batch)
-    te, h = stats["token_entropy"], stats["entropy_exact_grpo"]
+    te, h = stats["token_entropy"], stats["entropy"]
     assert te["irrelevant"] > 0 and te["content"] > 0
     assert te["irrelevant"] + te["content"] == pytest.approx(h, rel=1e-6)
     assert stats["entropy_irrelevant_share"] == pytest.approx(te["irrelevant"] / h, rel=1e-6)
@@ -272,7 +274,7 @@ def test_the_flat_weight_gather_equals_torchs_full_state_dict(group, bucket_byte
         return get_model_state_dict(worker.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def _flat_full_state(worker, bucket_bytes):
-        from services.learner.worker import gather_full_state
+        from services.learner.gather import gather_full_state
 
         return gather_full_state(worker.model, bucket_bytes)
 
@@ -288,7 +290,7 @@ def test_the_flat_weight_gather_equals_torchs_full_state_dict(group, bucket_byte
 
 
 def test_length_order_sorts_inside_each_mini_batch_only():
-    from services.learner.worker import length_order
+    from services.learner.batch import length_order
 
     lengths = torch.tensor([5, 3, 9, 3, 7, 1, 4, 2])
     assert length_order(lengths, 1).tolist() == [5, 7, 1, 3, 6, 0, 4, 2]
@@ -330,7 +332,8 @@ def test_shared_prefix_logits_equal_the_joint_forward_at_every_response_position
     """Prompts of different lengths, groups split across the batch, an inert dummy row: the
     prompt-once forward gives the joint forward's logits wherever a response token is predicted,
     and the gradients of a response-token loss agree too."""
-    from services.learner.worker import prompt_lengths, shared_prefix_logits
+    from services.learner.batch import prompt_lengths
+    from services.learner.prefix import shared_prefix_logits
 
     batch = make_grouped_batch(seed=1).padded_to(15)  # row 14 is a dummy (copy of row 0, no response)
     model = hf_model_with(tiny_model_path).train()
@@ -365,7 +368,7 @@ def test_shared_prefix_logits_equal_the_joint_forward_at_every_response_position
 
 
 def test_prompt_order_groups_rows_by_prompt_inside_each_mini_batch():
-    from services.learner.worker import prompt_order
+    from services.learner.batch import prompt_order
 
     batch = make_grouped_batch(groups=2, g=2, n_reg=2)  # prompts: 0 0 | 0 0 1 1
     assert prompt_order(batch, 1).tolist() == [0, 1, 2, 3, 4, 5]
@@ -418,3 +421,27 @@ def test_holding_the_full_parameters_for_the_step_or_not_gives_the_reference_upd
     mask = batch.attention_mask[:, 1:].bool()
     assert float((after[:, 1:] - ref).abs()[mask].max()) < 1e-5
     assert float((after[:, 1:] - before[:, 1:]).abs()[mask].max()) > 1e-6  # the update moved them
+
+
+def test_the_controller_hears_exact_grpo_entropy_and_the_mixed_batch_sampled_estimate(tiny_model_path):
+    """`controller.entropy_source: sampled` is the reference's signal: the sampled-token estimate over
+    the whole mixed update batch (GRPO and regularizer rows), not over the GRPO rows only."""
+    from controller.actor import ControllerCore, MemoryStore
+    from controller.client import LocalControllerClient
+    from services.config import ControllerConfig
+
+    batch = make_batch(rows=8, n_reg=3, seed=5)
+    core = ControllerCore(ALGO, ControllerConfig(), "publish-test", store=MemoryStore())
+    worker = LearnerWorker(0, 1, tiny_model_path, LearnerConfig(num_workers=1, cpus_per_worker=2, micro_batch_size=4),
+                           ALGO, seed=0)
+    worker.setup("127.0.0.1", free_port())
+    try:
+        stats = worker.update(batch, step=7, controller=LocalControllerClient(core))
+    finally:
+        worker.shutdown()
+    last = core.state()["last"]
+    assert last["exact"]["step"] == last["sampled"]["step"] == 7
+    assert last["exact"]["entropy"] == pytest.approx(stats["entropy"])
+    assert last["sampled"]["entropy"] == pytest.approx(stats["entropy_sampled_batch"])
+    # the two sampled estimates differ when regularizer rows are in the batch: the fix is visible
+    assert stats["entropy_sampled_batch"] != pytest.approx(stats["entropy_sampled"], abs=1e-6)

@@ -8,7 +8,8 @@ import torch
 from reference_decoding import hf_model_with, reference_greedy
 
 from services.config import GRPOConfig, LearnerConfig, RolloutConfig
-from services.learner.worker import LearnerGroup, TrainBatch
+from services.learner.batch import TrainBatch
+from services.learner.group import LearnerGroup
 from services.model.tiny import encode_prompt
 from services.rollout.service import RolloutPool, SamplingRequest, _split
 

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from controller.client import LocalControllerClient
 from controller.actor import ControllerCore, MemoryStore
 from services.config import TrainConfig
 from services.data.datasets import PromptItem
@@ -19,29 +20,11 @@ class CharTokenizer:
         return "".join(chr(i) for i in ids)
 
 
-class FakeController:
-    """The real ControllerCore (pure rule + state), called in-process."""
+class FakeController(LocalControllerClient):
+    """The real ControllerCore (pure rule + state), called in-process: the local controller client."""
 
     def __init__(self, cfg, store=None):
-        self.core = ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store or MemoryStore())
-
-    def plan(self, step):
-        return self.core.plan(step)
-
-    def observe(self, step, h, source="exact"):
-        self.core.observe(step, h, source)
-
-    def record_selection(self, step, n):
-        self.core.record_selection(step, n)
-
-    def target(self, step):
-        return self.core.target(step) if hasattr(self.core.algorithm, "target") else None
-
-    def state(self):
-        return self.core.state()
-
-    def restore(self, state):
-        self.core.restore(state)
+        super().__init__(ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store or MemoryStore()))
 
 
 class FakeRollout:

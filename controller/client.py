@@ -1,0 +1,114 @@
+"""The entropy controller as its callers see it: one interface, two ways to reach it.
+
+`ControllerClient` is what the driver, the rollout adapter and the learners call. Two
+implementations exist and nothing else re-wraps the controller:
+
+- `LocalControllerClient` holds a `ControllerCore` in this process (the in-process backend,
+  tests); the Ray actor (`controller.actor.EntropyControllerActor`) is this same class, run
+  remotely.
+- `RayControllerClient` calls that actor, with a timeout on every call; it pickles to the
+  learners' Ray actors as it is (an actor handle travels), so rank 0 publishes through it.
+
+`publish_entropy` is the one place that says which measured entropy goes to which source.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ControllerClient(Protocol):
+    """Observe entropy (learners), plan the regularizer (rollout), and its bookkeeping (driver)."""
+
+    def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
+        """Record the entropy measured at `step` for `source` (exact | sampled)."""
+
+    def plan(self, step: int) -> dict:
+        """The regularizer plan for `step`: {temperature, m, weight, target, direction, reason, entropy}."""
+
+    def record_selection(self, step: int, n_selected: int) -> None:
+        """How many regularizer positives were kept at `step`."""
+
+    def target(self, step: int) -> float | None:
+        """The entropy target at `step`; None when the algorithm has none."""
+
+    def state(self) -> dict:
+        """Everything the controller knows (checkpointed by the driver)."""
+
+    def restore(self, state: dict) -> None:
+        """Load what `state()` returned."""
+
+
+class LocalControllerClient:
+    """A `ControllerCore` in this process."""
+
+    def __init__(self, core) -> None:
+        self.core = core
+
+    def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
+        return self.core.observe(step, entropy, source)
+
+    def plan(self, step: int) -> dict:
+        return self.core.plan(step)
+
+    def record_selection(self, step: int, n_selected: int) -> None:
+        self.core.record_selection(step, n_selected)
+
+    def target(self, step: int) -> float | None:
+        return self.core.target(step)
+
+    def state(self) -> dict:
+        return self.core.state()
+
+    def restore(self, state: dict) -> None:
+        self.core.restore(state)
+
+
+class RayControllerClient:
+    """The controller actor, every call waited on for at most `timeout_s`."""
+
+    def __init__(self, handle, timeout_s: float = 120.0) -> None:
+        self.handle, self.timeout_s = handle, timeout_s
+
+    def _call(self, method: str, *args) -> Any:
+        import ray
+
+        ref = getattr(self.handle, method).remote(*args)
+        try:
+            return ray.get(ref, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"entropy controller did not answer {method}{args} within {self.timeout_s:g} s") from None
+
+    def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
+        return self._call("observe", step, entropy, source)
+
+    def plan(self, step: int) -> dict:
+        return self._call("plan", step)
+
+    def record_selection(self, step: int, n_selected: int) -> None:
+        self._call("record_selection", step, n_selected)
+
+    def target(self, step: int) -> float | None:
+        return self._call("target", step)
+
+    def state(self) -> dict:
+        return self._call("state")
+
+    def restore(self, state: dict) -> None:
+        self._call("restore", state)
+
+
+# which measured statistic feeds which controller source (names as in the learners' stats)
+PUBLISHED = {"exact": "entropy", "sampled": "entropy_sampled_batch"}
+
+
+def publish_entropy(controller: ControllerClient, step: int, stats: dict) -> None:
+    """Send a step's measured entropy to the controller, one observation per source.
+
+    `exact`: the exact full-vocabulary entropy at T=1 over the GRPO rows (the default signal).
+    `sampled`: the sampled-token estimate over the whole mixed update batch (GRPO and
+    regularizer rows), the signal the reference implementation feeds its controller.
+    """
+    for source, key in PUBLISHED.items():
+        controller.observe(step, stats[key], source)

@@ -1,0 +1,145 @@
+"""The learner's batch: padded rows, their shards per rank, and the row orders that share work.
+
+Every reordering here is a permutation inside a mini-batch: each optimizer step sees the same rows,
+so the update is the same; only which rows share a micro-batch (padding) or a rank (prompts run
+once) changes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class TrainBatch:
+    """Padded sequences (prompt then response then padding), one row per sample.
+
+    tokens [B, L] long; attention_mask [B, L] (1 on prompt + response); response_mask [B, L]
+    (1 on response tokens, eos included); advantages [B] float; is_regularizer [B] bool.
+    """
+
+    tokens: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    advantages: torch.Tensor
+    is_regularizer: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @classmethod
+    def from_sequences(
+        cls,
+        prompts: Sequence[Sequence[int]],
+        responses: Sequence[Sequence[int]],
+        advantages: Sequence[float] | torch.Tensor,
+        is_regularizer: Sequence[bool] | torch.Tensor,
+        pad_id: int,
+    ) -> "TrainBatch":
+        """Right-padded batch from token-id lists (e.g. `Sample.prompt_ids` / `.response_ids`)."""
+        if not (len(prompts) == len(responses) == len(advantages) == len(is_regularizer)):
+            raise ValueError("prompts, responses, advantages and is_regularizer must have one entry per row")
+        width = max(len(p) + len(r) for p, r in zip(prompts, responses))
+        tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        resp = torch.zeros((len(prompts), width), dtype=torch.float32)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            tokens[i, : len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+            attn[i, : len(p) + len(r)] = 1
+            resp[i, len(p) : len(p) + len(r)] = 1.0
+        return cls(
+            tokens,
+            attn,
+            resp,
+            torch.as_tensor(advantages, dtype=torch.float32),
+            torch.as_tensor(is_regularizer, dtype=torch.bool),
+        )
+
+    @classmethod
+    def from_dict(cls, batch: dict, pad_id: int) -> "TrainBatch":
+        """From the driver's {prompt_ids, response_ids, advantages, is_regularizer} lists."""
+        return cls.from_sequences(
+            batch["prompt_ids"], batch["response_ids"], batch["advantages"], batch["is_regularizer"], pad_id
+        )
+
+    def select(self, rows) -> "TrainBatch":
+        """The rows given by an index tensor or slice."""
+        return TrainBatch(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+    def to(self, device) -> "TrainBatch":
+        """Every tensor on `device`."""
+        return TrainBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
+
+    def padded_to(self, rows: int) -> "TrainBatch":
+        """Append dummy rows (copies of row 0 with no response tokens and advantage 0) up to `rows`.
+
+        Data-parallel ranks must run the same number of forward/backward passes (FSDP's
+        collectives pair up), so every rank gets the same row count; dummy rows add nothing to
+        the loss, the gradient or the token counts.
+        """
+        extra = rows - len(self)
+        if extra <= 0:
+            return self
+        pad = self.select(torch.zeros(extra, dtype=torch.long))
+        pad.response_mask = torch.zeros_like(pad.response_mask)
+        pad.advantages = torch.zeros_like(pad.advantages)
+        pad.is_regularizer = torch.zeros_like(pad.is_regularizer)
+        return TrainBatch(*(torch.cat([getattr(self, f.name), getattr(pad, f.name)]) for f in fields(self)))
+
+
+def shard_batch(batch: TrainBatch, world_size: int, mini_batches: int = 1) -> list[TrainBatch]:
+    """Split a global batch into per-rank shards that keep the mini-batch structure.
+
+    Global mini-batch k is the k-th of `mini_batches` near-equal contiguous parts of the batch
+    (the first parts one row longer when B does not divide). Each part is cut into `world_size`
+    contiguous pieces of `per` rows, the last ones topped up with inert dummy rows, and rank r
+    receives its piece of every part in order: its local mini-batch k is its k-th block of `per`.
+    """
+    B = len(batch)
+    q, extra = divmod(B, mini_batches)
+    starts = [k * q + min(k, extra) for k in range(mini_batches + 1)]
+    per = max(1, math.ceil((q + (1 if extra else 0)) / world_size))
+    ext = batch.padded_to(B + 1)  # row B is the dummy every piece is topped up with
+    shards = []
+    for r in range(world_size):
+        idx: list[int] = []
+        for k in range(mini_batches):
+            piece = list(range(starts[k], starts[k + 1]))[r * per : (r + 1) * per]
+            idx += piece + [B] * (per - len(piece))
+        shards.append(ext.select(torch.tensor(idx, dtype=torch.long)))
+    return shards
+
+
+def length_order(lengths: torch.Tensor, mini_batches: int = 1) -> torch.Tensor:
+    """Row order that sorts each of the `mini_batches` contiguous blocks by length (stable).
+
+    Rows never leave their mini-batch, so each optimizer step sees the same rows; inside it the
+    order only decides which rows share a micro-batch, i.e. how much padding each one carries.
+    """
+    per = len(lengths) // mini_batches
+    return torch.cat([
+        k * per + torch.sort(lengths[k * per : (k + 1) * per], stable=True).indices for k in range(mini_batches)
+    ])
+
+
+def prompt_lengths(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Tokens before each row's response; a row without response tokens (an inert dummy) counts
+    as all prompt."""
+    has = response_mask.sum(1) > 0
+    return torch.where(has, response_mask.argmax(1), attention_mask.sum(1)).long()
+
+
+def prompt_order(batch: TrainBatch, mini_batches: int = 1) -> torch.Tensor:
+    """Row order that puts rows with the same prompt side by side inside each of the
+    `mini_batches` contiguous blocks, groups in order of first appearance (stable)."""
+    plen = prompt_lengths(batch.attention_mask, batch.response_mask).tolist()
+    first: dict[tuple, int] = {}
+    group = torch.tensor([first.setdefault(tuple(row[:n]), i) for i, (row, n) in enumerate(zip(batch.tokens.tolist(), plen))])
+    per = len(group) // mini_batches
+    return torch.cat([
+        k * per + torch.sort(group[k * per : (k + 1) * per], stable=True).indices for k in range(mini_batches)
+    ])
