@@ -25,6 +25,8 @@ SOURCES = ("exact", "sampled")
 
 
 class StateStore(Protocol):
+    """Where the controller keeps its state (memory or Redis)."""
+
     def load(self) -> dict | None: ...
 
     def save(self, state: dict) -> None: ...
@@ -63,6 +65,8 @@ class RedisStore:
 
 
 class MetricsSink(Protocol):
+    """Where the controller reports what it observed and decided."""
+
     def observed(self, source: str, entropy: float, target: float | None) -> None: ...
 
     def planned(self, plan: Plan) -> None: ...
@@ -71,6 +75,8 @@ class MetricsSink(Protocol):
 
 
 class NullMetrics:
+    """A metrics sink that drops everything (the default)."""
+
     def observed(self, source: str, entropy: float, target: float | None) -> None:
         pass
 

@@ -11,13 +11,13 @@ deadline), so a replica reserves `num_cpus` (default 0) but uses up to `settings
 from __future__ import annotations
 
 import ipaddress
-import socket
 import time
 
 import httpx
 from ray import serve
 
 from reward_server.main import create_app
+from services.backends.network import free_port
 from reward_server.settings import RewardSettings
 
 DEFAULT_APP_NAME = "aepo-reward"
@@ -67,19 +67,13 @@ def _keep_replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = bind
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve_http_address(http_port: int | None) -> tuple[str, int]:
     """Start Serve on 127.0.0.1 if it is not running; the proxy's (host, port) either way."""
     # Private, but Serve has no public accessor for the running proxy's address.
     from ray.serve.context import _get_global_client
 
     if _get_global_client(raise_if_no_controller_running=False) is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port or _free_port()})
+        serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()})
     config = _get_global_client().http_config
     host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "", None) else config.host
     return host, config.port

@@ -15,6 +15,7 @@ from reward_server.pool import VerifierPool
 from reward_server.schemas import VerifyItem, VerifyResult
 from reward_server.settings import RewardSettings
 from reward_server.verifiers import Verdict, Verifier, error, get_verifier, known_tasks, run_verifier
+from reward_server.verifiers.base import reward_of
 
 log = logging.getLogger("aepo.reward")
 
@@ -141,7 +142,7 @@ class VerifyService:
             observe[task](secs)
             # model_construct: every field is already of its type (validating 512 of them cost ~2 ms)
             out.append(VerifyResult.model_construct(
-                id=item.id, reward=1 if verdict.outcome == "correct" else 0, outcome=verdict.outcome,
+                id=item.id, reward=reward_of(verdict.outcome), outcome=verdict.outcome,
                 detail=verdict.detail, elapsed_s=round(secs, 6),
             ))
         for (task, outcome), n in counts.items():

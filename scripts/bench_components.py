@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -34,11 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from services.backends.network import free_port  # noqa: E402
 
 
 def med(xs: list[float]) -> str:
@@ -209,7 +204,7 @@ def bench_ray_sync(model_path: str, cfg, reps: int) -> None:
     import ray
 
     from services.learner.group import LearnerGroup
-    from services.rollout.service import RolloutPool
+    from services.rollout.pool import RolloutPool
     from services.backends.ray_cluster import init_ray, learner_config
 
     init_ray(num_cpus=4, quiet=True)

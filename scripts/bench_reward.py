@@ -22,7 +22,6 @@ import argparse
 import os
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,10 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.backends.network import free_port  # noqa: E402
+
 BATCH = 512
 HOSTILE = [
     "\\boxed{9^{9^{9^{9}}}}",
@@ -40,12 +43,6 @@ HOSTILE = [
     "\\boxed{2^{2^{2^{2^{2^{2}}}}}}",
     "\\boxed{" + "(" * 400 + "1" + ")" * 400 + "}",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:

@@ -91,7 +91,8 @@ def bench_learners(args, path: str, samples) -> list[dict]:
     from services.learner.group import LearnerGroup
     from services.backends.ray_cluster import init_ray
 
-    init_ray(num_cpus=os.cpu_count() or 2)  # local, loopback only
+    cpus = os.cpu_count() or 2
+    init_ray(num_cpus=cpus)  # local, loopback only
     g = torch.Generator().manual_seed(0)
     batch = TrainBatch.from_sequences(
         [s.prompt_ids for s in samples], [s.response_ids for s in samples],

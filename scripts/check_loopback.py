@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services import loopback  # noqa: E402
+from services.backends import network  # noqa: E402
 
 
 class Watcher(threading.Thread):
@@ -40,22 +40,22 @@ class Watcher(threading.Thread):
         super().__init__(daemon=True)
         self.scope, self.interval_s = scope, interval_s
         self.stop_event = threading.Event()
-        self.bad: dict[tuple, loopback.SocketRecord] = {}
-        self.seen: dict[tuple, loopback.SocketRecord] = {}
-        self.before = {(s.local, s.local_port, s.remote, s.remote_port) for s in loopback.all_sockets()
-                       if s.remote == loopback.METADATA_ADDRESS}  # older than this check: not ours
+        self.bad: dict[tuple, network.SocketRecord] = {}
+        self.seen: dict[tuple, network.SocketRecord] = {}
+        self.before = {(s.local, s.local_port, s.remote, s.remote_port) for s in network.all_sockets()
+                       if s.remote == network.METADATA_ADDRESS}  # older than this check: not ours
 
     def _ours(self) -> set[int] | None:
         # machine scope: any Ray process (by command line), whoever started it
-        return loopback.descendants(os.getpid()) if self.scope == "tree" else None
+        return network.descendants(os.getpid()) if self.scope == "tree" else None
 
     def sample(self) -> None:
         pids = self._ours()
-        sockets = loopback.all_sockets()
+        sockets = network.all_sockets()
         for s in sockets:
-            if s.pid is not None and (s.pid in pids if pids is not None else loopback.is_ray_process(s.process)):
+            if s.pid is not None and (s.pid in pids if pids is not None else network.is_ray_process(s.process)):
                 self.seen[(s.proto, s.local, s.local_port, s.remote, s.remote_port, s.pid)] = s
-        for s in loopback.violations(sockets, pids):
+        for s in network.violations(sockets, pids):
             if (s.local, s.local_port, s.remote, s.remote_port) not in self.before:
                 self.bad[(s.proto, s.local, s.local_port, s.remote, s.remote_port, s.state)] = s
 
@@ -78,10 +78,13 @@ def exercise() -> dict:
 
     @ray.remote(num_cpus=0)
     class Member:
-        def address(self):
-            from services.backends.ray_cluster import _free_port
+        """One rank of the two-actor gloo group."""
 
-            return ray.util.get_node_ip_address(), _free_port()
+        def address(self):
+            from services.backends.network import free_port
+
+            ip = ray.util.get_node_ip_address()
+            return ip, free_port(ip)
 
         def all_reduce(self, rank: int, master: str, port: int) -> float:
             import torch
@@ -108,15 +111,15 @@ def exercise() -> dict:
 
 def summary(records) -> dict:
     def cls(ip: str) -> str:
-        if loopback.is_loopback(ip):
+        if network.is_loopback(ip):
             return "loopback"
-        return "wildcard" if loopback._unspecified(ip) else "external"
+        return "wildcard" if network._unspecified(ip) else "external"
 
     counts: dict[str, int] = {}
     for s in records:
         key = f"local {cls(s.local)}"
         counts[key] = counts.get(key, 0) + 1
-        if s.state != "LISTEN" and not (loopback._unspecified(s.remote) and s.remote_port == 0):
+        if s.state != "LISTEN" and not (network._unspecified(s.remote) and s.remote_port == 0):
             key = f"remote {cls(s.remote)}"
             counts[key] = counts.get(key, 0) + 1
     return counts

@@ -236,6 +236,19 @@ def sampled_entropy_estimate(logp: torch.Tensor, mask: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------- AEPO regularizer
 
 
+def regularizer_candidates(
+    rewards: torch.Tensor, advantages: torch.Tensor, threshold: float = 0.05, signed: bool = False
+) -> torch.Tensor:
+    """Which regularizer samples may be trained on (bool mask); `select_regularizer` keeps the first m.
+
+    AEPO: reward 1 and group advantage > threshold (correct answers from groups that are not
+    all-correct). `signed` (the paper's ablation): every sample with |advantage| > threshold.
+    """
+    if signed:
+        return advantages.abs() > threshold
+    return (rewards >= 1.0) & (advantages > threshold)
+
+
 def select_regularizer(
     rewards: torch.Tensor,
     advantages: torch.Tensor,
@@ -254,10 +267,7 @@ def select_regularizer(
         raise ValueError(f"m must be >= 0, got {m}")
     if rewards.shape != advantages.shape or rewards.dim() != 1:
         raise ValueError(f"rewards and advantages must be 1-D of one shape, got {tuple(rewards.shape)}, {tuple(advantages.shape)}")
-    if signed:
-        keep = advantages.abs() > threshold
-    else:
-        keep = (rewards >= 1.0) & (advantages > threshold)
+    keep = regularizer_candidates(rewards, advantages, threshold, signed)
     idx = keep.nonzero(as_tuple=False).flatten()[:m]
     adv = advantages[idx].float() if signed else torch.ones(idx.numel(), dtype=torch.float32)
     return idx, adv
@@ -370,6 +380,24 @@ def entropy_advantage(adv: torch.Tensor, entropy: torch.Tensor, alpha: float, ka
     return adv + torch.minimum(alpha * entropy.detach(), adv.abs() / kappa)
 
 
+def _check_loss_inputs(cfg: AlgorithmConfig, normalizer: float, is_reg: torch.Tensor, entropy) -> None:
+    if normalizer <= 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer}")
+    if is_reg.any() and not isinstance(cfg, AEPOConfig):
+        raise ValueError(f"{cfg.type} has no regularizer rows, but {int(is_reg.sum())} were passed")
+    if needs_entropy(cfg) and entropy is None:
+        raise ValueError(f"{cfg.type} needs the per-token entropy")
+
+
+def _pg_token_loss(cfg: AlgorithmConfig, logp, old_logp, adv, grpo_mask, generator):
+    """Per-token policy-gradient loss of the GRPO rows: Clip-Cov, KL-Cov or PPO-clip; (loss, clipped, kl)."""
+    if isinstance(cfg, ClipCovConfig):
+        return clip_cov_token_loss(logp, old_logp, adv, grpo_mask, cfg, generator)
+    if isinstance(cfg, KLCovConfig):
+        return kl_cov_token_loss(logp, old_logp, adv, grpo_mask, cfg)
+    return ppo_clip_token_loss(logp, old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+
+
 def policy_loss(
     cfg: AlgorithmConfig,
     *,
@@ -393,13 +421,8 @@ def policy_loss(
     Returns (loss, stats) where pg_loss, reg_loss, entropy_bonus are additive across
     micro-batches and clipped_tokens, approx_kl_sum, grpo_tokens, reg_tokens are raw sums.
     """
-    if normalizer <= 0:
-        raise ValueError(f"normalizer must be > 0, got {normalizer}")
     is_reg = is_regularizer.bool()
-    if is_reg.any() and not isinstance(cfg, AEPOConfig):
-        raise ValueError(f"{cfg.type} has no regularizer rows, but {int(is_reg.sum())} were passed")
-    if needs_entropy(cfg) and entropy is None:
-        raise ValueError(f"{cfg.type} needs the per-token entropy")
+    _check_loss_inputs(cfg, normalizer, is_reg, entropy)
     maskf = mask.to(logp.dtype)
     grpo_mask = maskf * (~is_reg).unsqueeze(1).to(logp.dtype)
     reg_mask = maskf * is_reg.unsqueeze(1).to(logp.dtype)
@@ -407,12 +430,7 @@ def policy_loss(
 
     if isinstance(cfg, EntropyAdvConfig):
         adv = entropy_advantage(adv, entropy, cfg.alpha, cfg.kappa)
-    if isinstance(cfg, ClipCovConfig):
-        tok_loss, clipped, kl = clip_cov_token_loss(logp, old_logp, adv, grpo_mask, cfg, generator)
-    elif isinstance(cfg, KLCovConfig):
-        tok_loss, clipped, kl = kl_cov_token_loss(logp, old_logp, adv, grpo_mask, cfg)
-    else:
-        tok_loss, clipped, kl = ppo_clip_token_loss(logp, old_logp, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    tok_loss, clipped, kl = _pg_token_loss(cfg, logp, old_logp, adv, grpo_mask, generator)
 
     pg_loss = (tok_loss * grpo_mask).sum() / normalizer
     loss = pg_loss

@@ -162,6 +162,8 @@ class TinyModelConfig(_Strict):
 
 
 class ModelConfig(_Strict):
+    """Which model: a checkpoint directory (`path`) or the project-made tiny model."""
+
     path: str | None = Field(
         None, description="Local path or hub name of an HF causal LM; None builds the embedded tiny model."
     )
@@ -200,6 +202,8 @@ DataConfig = Annotated[Union[CountdownDataConfig, FileDataConfig], Field(discrim
 
 
 class RolloutConfig(_Strict):
+    """Rollout generation: engine, group size, lengths, actors and their resources."""
+
     engine: Literal["hf", "vllm", "vllm-cpu"] = Field("hf", description="Generation engine adapter.")
     num_actors: int = Field(1, ge=1, description="Rollout actors (each holds one engine).")
     group_size: int = Field(8, ge=2, description="G: samples per prompt; advantages are normalised within a group.")
@@ -248,6 +252,8 @@ class EntropyAnalysisConfig(_Strict):
 
 
 class LearnerConfig(_Strict):
+    """The FSDP2 learners: workers, batch layout, optimizer, precision and the speed switches."""
+
     num_workers: int = Field(2, ge=1, description="FSDP learner actors (one torch.distributed rank each).")
     lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -305,6 +311,8 @@ class LearnerConfig(_Strict):
 
 
 class RewardConfig(_Strict):
+    """Where rewards come from: the reward server on Ray Serve, a local process, or an external URL."""
+
     mode: Literal["serve", "standalone", "external"] = Field(
         "serve", description="serve: Ray Serve in the job's cluster; standalone: a local uvicorn process; external: `url`."
     )
@@ -320,6 +328,8 @@ class RewardConfig(_Strict):
 
 
 class ControllerConfig(_Strict):
+    """The entropy controller actor: its name, the signal it controls, optional Redis state."""
+
     entropy_source: Literal["exact", "sampled"] = Field(
         "exact",
         description="exact: full-vocabulary token-mean entropy at T=1 of the GRPO batch; sampled: mean −log π(o_t) (the reference's signal).",
@@ -329,6 +339,8 @@ class ControllerConfig(_Strict):
 
 
 class TrainerConfig(_Strict):
+    """The loop: steps, prompts per step, eval and checkpoint cadence, outputs, metrics endpoint."""
+
     steps: int = Field(150, ge=0, description="RL steps (0 = evaluate the initial model only).")
     prompts_per_step: int = Field(32, ge=1, description="B: prompts per step (the GRPO batch is B × G).")
     eval_every: int = Field(50, ge=0, description="Eval every K steps (0 = only at the end).")

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from testlib import free_port
+from services.backends.network import free_port
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 turns token auth on by default
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from testlib import free_port
+from services.backends.network import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ import urllib.request
 from collections import defaultdict
 
 import pytest
-from testlib import free_port, wait_for_http
+from services.backends.network import free_port
+from testlib import wait_for_http
 
 pytestmark = pytest.mark.slow
 

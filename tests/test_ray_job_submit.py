@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from testlib import free_port, wait_for_http
+from services.backends.network import free_port
+from testlib import wait_for_http
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

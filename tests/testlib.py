@@ -2,14 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_http(url: str, proc, what: str, timeout_s: float = 60.0, interval_s: float = 0.2) -> None:

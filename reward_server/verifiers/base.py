@@ -22,6 +22,11 @@ class Verdict:
             raise ValueError(f"outcome must be one of {OUTCOMES}, got {self.outcome!r}")
 
 
+def reward_of(outcome: str) -> int:
+    """The reward an outcome earns: 1 for `correct`, 0 for everything else (the one place this is said)."""
+    return 1 if outcome == "correct" else 0
+
+
 def correct(detail: str) -> Verdict:
     """A `correct` verdict."""
     return Verdict("correct", detail)

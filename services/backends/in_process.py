@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-from typing import Any
 
-from services.config import AEPOConfig, TrainConfig, learner_config
+from services.backends.network import free_port
+from services.config import TrainConfig, learner_config
 from controller.client import LocalControllerClient
 from services.backends.ray_cluster import PolicySystem, TokenizerAdapter
 
@@ -35,6 +34,7 @@ class InlineReward:
 
     def verify(self, items: list[dict]) -> list[dict]:
         from reward_server.verifiers import run_verifier
+        from reward_server.verifiers.base import reward_of
 
         out = []
         for it in items:
@@ -45,7 +45,7 @@ class InlineReward:
                     "run it with the ray backend"
                 )
             verdict = run_verifier(verifier.verify, it["response"], it["reference"])
-            out.append({"id": it["id"], "reward": 1 if verdict.outcome == "correct" else 0,
+            out.append({"id": it["id"], "reward": reward_of(verdict.outcome),
                         "outcome": verdict.outcome, "detail": verdict.detail})
         return out
 
@@ -73,12 +73,6 @@ class LocalLearner:
         self.worker.load_checkpoint(os.path.abspath(path))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalSystem(PolicySystem):
     """`System`'s interface (components, restart_policy_side, close) with everything in-process."""
 
@@ -102,7 +96,7 @@ class LocalSystem(PolicySystem):
         self.controller = LocalControllerClient(ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store))
         lcfg = learner_config(cfg).model_copy(update={"num_workers": 1, "device": "cpu"})
         self.worker = LearnerWorker(0, 1, self.model_path, lcfg, cfg.algorithm, seed=cfg.trainer.seed, device="cpu")
-        self.worker.setup("127.0.0.1", _free_port())
+        self.worker.setup("127.0.0.1", free_port())
         self.rollout = RolloutService(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
         torch.set_num_threads(self.threads)  # after both: each sets its own thread count
         tok = load_tokenizer(self.model_path)

@@ -49,6 +49,14 @@ PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_pro
 METADATA_ADDRESS = "169.254.169.254"
 
 
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port free on `host` right now (the caller binds it soon after; a race is possible)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def local_ray_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """Environment for the processes of a local Ray cluster (see the module docstring)."""
     env = {

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
 from controller.client import ControllerClient, RayControllerClient
+from services.backends.network import free_port
 from services.config import AEPOConfig, TrainConfig, learner_config
 from services.data.datasets import PromptItem
-from services.loop.trainer import Components, Rollout
+from services.contracts import Components, Rollout
 
 log = logging.getLogger("aepo")
 
@@ -50,12 +50,6 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
             log_to_driver=not quiet,
             configure_logging=False,
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -136,6 +130,8 @@ class LearnerAdapter:
 
 
 class TokenizerAdapter:
+    """Prompt text to ids (with the chat template when asked) and response ids to text."""
+
     def __init__(self, tokenizer, chat_template: bool):
         self.tok, self.chat_template = tokenizer, chat_template
 
@@ -157,7 +153,7 @@ class RewardProcess:
     """`aepo serve-reward` as a child process on a free loopback port (reward.mode: standalone)."""
 
     def __init__(self, workers: int = 2, port: int | None = None):
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "services.cli", "serve-reward", "--host", "127.0.0.1", "--port", str(self.port),
@@ -264,7 +260,7 @@ class System(PolicySystem):
         from controller.actor import start_controller
         from services.learner.group import LearnerGroup
         from services.model.tiny import load_tokenizer
-        from services.rollout.service import RolloutPool
+        from services.rollout.pool import RolloutPool
 
         cfg = self.cfg
         self.controller_handle = start_controller(cfg.algorithm, cfg.controller, cfg.run_name)

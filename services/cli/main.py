@@ -16,6 +16,8 @@ from typing import Callable
 
 @dataclass(frozen=True)
 class Command:
+    """One `aepo` subcommand: its name, help, entrypoint (module:function) and argument setup."""
+
     name: str
     help: str
     target: str  # "package.module:function", called with the parsed argparse.Namespace

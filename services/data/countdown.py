@@ -8,7 +8,7 @@ target; spaces are ignored.
 
 Reward-irrelevant freedom: warm-start answers insert a space with probability `space_prob` at
 each of 9 places (around each operator and `=`, after the `,`). Without such freedom AEPO had
-nothing to regulate at toy scale (shared/FINDINGS.md).
+nothing to regulate at toy scale (docs/design.md).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ def _apply(a: int, op: str, b: int) -> int | None:
 
 @dataclass(frozen=True)
 class Step:
+    """One arithmetic step `a op b = result` of a Countdown answer."""
+
     left: int
     op: str
     right: int
@@ -41,6 +43,8 @@ class Step:
 
 @dataclass(frozen=True)
 class Problem:
+    """A Countdown problem: three numbers and a target reachable in two steps."""
+
     numbers: tuple[int, int, int]
     target: int
 

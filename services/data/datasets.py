@@ -18,6 +18,8 @@ from services.config import CountdownDataConfig, DataConfig, FileDataConfig
 
 @dataclass(frozen=True)
 class PromptItem:
+    """One prompt of the task: its id, text, verifier task name and reference answer."""
+
     id: str
     prompt: str
     reference: Any

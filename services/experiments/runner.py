@@ -12,7 +12,7 @@ its own output directory under `<output_dir>/runs/`, named by the run's config d
 whose directory already holds a summary for the same config is not run again, so a killed
 experiment continues where it stopped and two groups asking for the same config share one run.
 A group with `targets: best` runs at the target of the `sweep` section with the best mean pass@1,
-resolved once the sweep has finished. The report (services/experiments/report.py) is written last.
+resolved once the sweep has finished. The report (services/experiments/report/) is written last.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class RunGroup(_Strict):
 
 
 class ExperimentSpec(_Strict):
+    """An experiment: a base config, run groups, seeds, targets, and how many run at once."""
+
     name: str
     base_config: str = Field(description="Run config every run starts from (path relative to the repository root).")
     overrides: dict[str, Any] = Field(
@@ -87,6 +89,8 @@ class ExperimentSpec(_Strict):
 
 @dataclass
 class Job:
+    """One run of the grid: its config, its digest (which names its folder) and its group."""
+
     group: RunGroup
     target: float | None
     seed: int
@@ -271,7 +275,8 @@ def run_jobs(jobs: list[Job], spec: ExperimentSpec, progress: bool = True) -> li
 
 
 def main(args: argparse.Namespace) -> int:
-    from services.experiments.report import best_sweep_target, write_report
+    from services.experiments.report.runs import best_sweep_target
+    from services.experiments.report.write import write_report
 
     spec = load_spec(args.spec)
     if args.parallel:

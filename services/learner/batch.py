@@ -91,6 +91,11 @@ class TrainBatch:
         return TrainBatch(*(torch.cat([getattr(self, f.name), getattr(pad, f.name)]) for f in fields(self)))
 
 
+def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
+    """Consecutive slices of `size` rows (the last one shorter)."""
+    return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
+
+
 def shard_batch(batch: TrainBatch, world_size: int, mini_batches: int = 1) -> list[TrainBatch]:
     """Split a global batch into per-rank shards that keep the mini-batch structure.
 

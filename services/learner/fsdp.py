@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import math
+from typing import Callable
+
 import torch
 
 from services.config import LearnerConfig
@@ -85,3 +88,57 @@ def token_ids(model_path: str, tokens: Sequence[str]) -> list[int]:
     if missing:
         raise ValueError(f"entropy_analysis.irrelevant_tokens not in the vocabulary as single tokens: {missing}")
     return sorted({int(vocab[t]) for t in tokens})
+
+
+def sync_on_last(model, last: bool, hold: bool) -> None:
+    """Gradient accumulation under FSDP2: reduce-scatter gradients once per optimizer step (on the
+    last micro-batch), and with held parameters reshard only after that last backward."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        if hold:
+            model.set_reshard_after_backward(last)
+
+
+def reshard(model) -> None:
+    """Back to the sharded parameters: a forward with no backward after it (scoring, a step with no
+    loss tokens) leaves held parameters unsharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def optimizer_step(model, optimizer, grad_clip: float, sums: dict[str, float],
+                   all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    """Clip, step (skipped on a non-finite norm), zero; returns `sums` summed over ranks plus the step's facts."""
+    grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    keys = list(sums)
+    out = dict(zip(keys, all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()))
+    finite = math.isfinite(grad_norm)
+    out.update(grad_norm=grad_norm, optimizer_steps=1.0 if finite else 0.0, skipped_steps=0.0 if finite else 1.0,
+               steps_counted=1.0)
+    return out
+
+
+def save_sharded(model, optimizer, path: str) -> None:
+    """Sharded model + optimizer state with torch.distributed.checkpoint (every rank writes its shard)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def load_sharded(model, optimizer, path: str) -> None:
+    """Load what `save_sharded` wrote (same world size or not: DCP reshards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

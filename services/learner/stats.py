@@ -16,6 +16,14 @@ from services.config import EntropyAnalysisConfig
 from services.learner.batch import TrainBatch
 
 
+def irrelevant_entropy(logits: torch.Tensor, irrelevant_ids: list[int], chunk_size: int) -> torch.Tensor:
+    """The reward-irrelevant part of each position's entropy (zeros when there are no such tokens)."""
+    if not irrelevant_ids:
+        return torch.zeros(logits.shape[:2], device=logits.device)
+    irr, _ = alg.entropy_split(logits, irrelevant_ids, 1.0, chunk_size)
+    return irr.float()
+
+
 def entropy_stats(
     batch: TrainBatch, old_logp: torch.Tensor, entropy: torch.Tensor, irrelevant: torch.Tensor, *,
     analysis: EntropyAnalysisConfig, vocab_size: int, has_irrelevant: bool, all_reduce: Callable[[torch.Tensor], torch.Tensor],

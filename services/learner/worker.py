@@ -11,7 +11,6 @@ is exactly that of the token-mean over the whole mini-batch, as in a single-proc
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from typing import Any
@@ -22,19 +21,13 @@ import torch.distributed as dist
 from controller.client import ControllerClient, publish_entropy
 from services import algorithm as alg
 from services.config import AlgorithmConfig, LearnerConfig
-from services.learner.batch import TrainBatch, length_order, prompt_order
-from services.learner.fsdp import build_fsdp_model, has_dropout, hold_full_params, make_adamw, token_ids, total_norm
+from services.backends.network import free_port
+from services.learner.batch import TrainBatch, length_order, micro_batches, prompt_order
+from services.learner.fsdp import (build_fsdp_model, has_dropout, hold_full_params, load_sharded, make_adamw, optimizer_step,
+                                   reshard, save_sharded, sync_on_last, token_ids)
 from services.learner.gather import gather_full_state
 from services.learner.prefix import layered_cache_supported, shared_prefix_logits
-from services.learner.stats import entropy_stats, finish_stats
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+from services.learner.stats import entropy_stats, finish_stats, irrelevant_entropy
 
 
 class LearnerWorker:
@@ -64,7 +57,8 @@ class LearnerWorker:
         """This node's address and a free port on it (asked of rank 0 to rendezvous)."""
         import ray
 
-        return ray.util.get_node_ip_address(), _free_port()
+        node_ip = ray.util.get_node_ip_address()
+        return node_ip, free_port(node_ip)
 
     def setup(self, master_addr: str, master_port: int) -> None:
         """Join the process group, load the model, shard it with FSDP2, make the optimizer."""
@@ -107,17 +101,13 @@ class LearnerWorker:
         out = self.model(input_ids=batch.tokens[:, :width], attention_mask=batch.attention_mask[:, :width], use_cache=False)
         return out.logits, width
 
-    def _micro_batches(self, batch: TrainBatch) -> list[TrainBatch]:
-        step = self.cfg.micro_batch_size
-        return [batch.select(slice(i, i + step)) for i in range(0, len(batch), step)]
-
     @torch.no_grad()
     def _score(self, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = True, all_positions: bool = False):
         """Per-token log π_T(o_t) [B, L-1] (position t predicts token t+1), exact entropy and its
         reward-irrelevant part (both None without `with_entropy`)."""
         lps, ents, irrs = [], [], []
         L = batch.tokens.shape[1]
-        for mb in self._micro_batches(batch):
+        for mb in micro_batches(batch, self.cfg.micro_batch_size):
             logits, width = self._logits(mb, all_positions)
             lp, ent = alg.token_logprobs_and_entropy(
                 logits[:, :-1], mb.tokens[:, 1:width], temperature, self.cfg.entropy_chunk_size, with_entropy
@@ -125,17 +115,10 @@ class LearnerWorker:
             lps.append(torch.nn.functional.pad(lp.float(), (0, L - width)))
             if with_entropy:
                 ents.append(torch.nn.functional.pad(ent.float(), (0, L - width)))
-                irrs.append(torch.nn.functional.pad(self._irrelevant(logits[:, :-1]), (0, L - width)))
+                irrs.append(torch.nn.functional.pad(irrelevant_entropy(logits[:, :-1], self.irrelevant_ids, self.cfg.entropy_chunk_size), (0, L - width)))
         if not with_entropy:
             return torch.cat(lps), None, None
         return torch.cat(lps), torch.cat(ents), torch.cat(irrs)
-
-    def _irrelevant(self, logits: torch.Tensor) -> torch.Tensor:
-        """The reward-irrelevant part of each position's entropy (zeros when no such tokens)."""
-        if not self.irrelevant_ids:
-            return torch.zeros(logits.shape[:2], device=logits.device)
-        irr, _ = alg.entropy_split(logits, self.irrelevant_ids, 1.0, self.cfg.entropy_chunk_size)
-        return irr.float()
 
     def compute_logprobs(self, shard: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
         """log π_T(tokens[:, t] | tokens[:, <t]) as [B, L]; column 0 (nothing predicts it) is 0."""
@@ -196,14 +179,8 @@ class LearnerWorker:
         return stats
 
     def _reshard(self) -> None:
-        """Back to the sharded parameters (no-op when they are): a forward with no backward after it
-        (scoring, a step with no loss tokens) leaves held parameters unsharded."""
         if self._hold:
-            from torch.distributed.fsdp import FSDPModule
-
-            for module in self.model.modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
+            reshard(self.model)
 
     def _train_minibatch(self, batch: TrainBatch, old_logp: torch.Tensor | None, observe=None) -> dict[str, float]:
         """Gradient accumulation over micro-batches, then clip + AdamW step (skipped if no tokens).
@@ -223,13 +200,9 @@ class LearnerWorker:
         sums = dict.fromkeys(
             ("pg_loss", "reg_loss", "entropy_bonus", "clipped_tokens", "approx_kl_sum", "grpo_tokens", "tokens"), 0.0
         )
-        micro = self._micro_batches(batch)
+        micro = micro_batches(batch, self.cfg.micro_batch_size)
         for i, mb in enumerate(micro):
-            if hasattr(self.model, "set_requires_gradient_sync"):
-                # reduce-scatter gradients once per optimizer step, not once per micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro) - 1)
-                if self._hold:  # and all-gather the parameters once: reshard after the last backward only
-                    self.model.set_reshard_after_backward(i == len(micro) - 1)
+            sync_on_last(self.model, i == len(micro) - 1, self._hold)
             rows = slice(i * cfg.micro_batch_size, i * cfg.micro_batch_size + len(mb))
             logits, width = self._logits(mb)
             logp, ent = alg.token_logprobs_and_entropy(
@@ -241,7 +214,7 @@ class LearnerWorker:
                     ent_obs = ent.detach() if ent is not None else alg.exact_entropy(
                         logits[:, :-1].detach(), 1.0, cfg.entropy_chunk_size
                     )
-                for key, val in (("logp", behaviour), ("ent", ent_obs), ("irr", self._irrelevant(logits[:, :-1]))):
+                for key, val in (("logp", behaviour), ("ent", ent_obs), ("irr", irrelevant_entropy(logits[:, :-1], self.irrelevant_ids, self.cfg.entropy_chunk_size))):
                     seen[key].append(torch.nn.functional.pad(val.float(), (0, L - width)))
                 if normalizer == 0:
                     continue
@@ -261,16 +234,7 @@ class LearnerWorker:
             if normalizer == 0:
                 self.optimizer.zero_grad(set_to_none=True)
                 return {"skipped_steps": 1.0}
-        grad_norm = total_norm(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
-        if math.isfinite(grad_norm):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        keys = list(sums)
-        reduced = self._all_reduce(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
-        out = dict(zip(keys, reduced))
-        out.update(grad_norm=grad_norm, optimizer_steps=1.0 if math.isfinite(grad_norm) else 0.0,
-                   skipped_steps=0.0 if math.isfinite(grad_norm) else 1.0, steps_counted=1.0)
-        return out
+        return optimizer_step(self.model, self.optimizer, cfg.grad_clip, sums, self._all_reduce)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (NCCL needs the tensor on the GPU)."""
@@ -302,22 +266,12 @@ class LearnerWorker:
         return to_wire(self.full_state_dict())
 
     def save_checkpoint(self, path: str) -> None:
-        """Sharded model + optimizer state with torch.distributed.checkpoint (every rank writes its shard)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        """Sharded model + optimizer state (every rank writes its shard)."""
+        save_sharded(self.model, self.optimizer, path)
 
     def load_checkpoint(self, path: str) -> None:
         """Load what `save_checkpoint` wrote (same world size or not: DCP reshards)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        load_sharded(self.model, self.optimizer, path)
 
     def shutdown(self) -> None:
         """Leave the process group."""

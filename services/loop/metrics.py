@@ -19,6 +19,8 @@ Kind = Literal["gauge", "counter", "histogram"]
 
 @dataclass(frozen=True)
 class MetricSpec:
+    """One exported metric: name, kind, help text, labels, and the metrics-row field it reads."""
+
     name: str  # the exposed name (counters end in _total)
     kind: Kind
     help: str

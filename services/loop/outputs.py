@@ -45,13 +45,19 @@ class MetricsLog:
             os.fsync(fh.fileno())
 
 
-def second_half_tracking_error(rows: list[dict]) -> float | None:
-    """Mean |H - H*| over the second half of the steps (None without a target)."""
-    pts = [(r["entropy"], r["entropy_target"]) for r in rows if r.get("entropy_target") is not None]
-    if not pts:
-        return None
-    half = pts[len(pts) // 2 :]
-    return sum(abs(h - t) for h, t in half) / len(half)
+def tracking_error(rows: list[dict], *, second_half: bool = True) -> float | None:
+    """Mean |H − H*| (row["entropy"] vs row["entropy_target"]) over the rows given, or over the
+    second half of them when `second_half` (the default: the settled part of a run, the number the
+    run summary and the experiment report both call the tracking error).
+
+    Rows without an entropy or without a target are skipped before the halving, so a step whose
+    entropy was not measured neither counts nor shifts the half; None when no row has both.
+    """
+    pts = [(r.get("entropy"), r.get("entropy_target")) for r in rows]
+    pts = [(h, t) for h, t in pts if h is not None and t is not None]
+    if second_half:
+        pts = pts[len(pts) // 2 :]
+    return sum(abs(h - t) for h, t in pts) / len(pts) if pts else None
 
 
 def summarize(rows: list[dict], extra: dict | None = None) -> dict:
@@ -66,7 +72,7 @@ def summarize(rows: list[dict], extra: dict | None = None) -> dict:
         "entropy_first": first.get("entropy"),
         "entropy_last": last.get("entropy"),
         "entropy_target_last": last.get("entropy_target"),
-        "mean_abs_entropy_error_second_half": second_half_tracking_error(rows),
+        "mean_abs_entropy_error_second_half": tracking_error(rows, second_half=True),
         "reward_mean_last10": _mean(r.get("reward_mean") for r in rows[-10:]),
         "step_seconds_mean": _mean(r.get("step_seconds") for r in rows),
         "entropy_every_10": {str(r["step"]): round(r["entropy"], 4) for r in rows if r["step"] % 10 == 0 and r.get("entropy") is not None},

@@ -2,7 +2,7 @@
 
 A random-init model cannot solve anything, so RL has no signal. The warm start trains it on
 uniformly random valid solutions (with the task's optional spaces) until it solves a fair share
-of held-out problems with entropy left to control: the FINDINGS prototype reached ~41 % accuracy
+of held-out problems with entropy left to control: the early prototype (docs/design.md) reached ~41 % accuracy
 and ~0.50 nats/token after 500 steps of batch 256 at lr 1e-3.
 
 It runs as a Ray Train `TorchTrainer` (N CPU workers, gloo, DDP); rank 0 writes the result in

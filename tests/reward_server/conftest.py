@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from reward_testlib import free_port, make_client
+from services.backends.network import free_port
+from reward_testlib import make_client
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,6 @@ from fastapi.testclient import TestClient
 
 from reward_server.main import create_app
 from reward_server.settings import RewardSettings
-from testlib import free_port  # noqa: F401  (re-exported for the reward-server tests)
 
 
 def wait_ready(client, timeout_s: float = 60.0) -> None:

@@ -10,7 +10,8 @@ import redis
 
 from reward_server.cache import KEY_PREFIX, LRUCache, cache_key
 from reward_server.verifiers import Verdict
-from reward_testlib import free_port, item, make_client, verify
+from services.backends.network import free_port
+from reward_testlib import item, make_client, verify
 
 
 def _hits(client) -> float:

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from reward_server.client import RewardClient, RewardRequestError, RewardServerUnavailable
-from reward_testlib import free_port, item
+from services.backends.network import free_port
+from reward_testlib import item
 
 TOKEN = {"Authorization": "Bearer tok"}
 TOWER = "\\boxed{9^{9^{9^{9}}}}"  # sympy tries to build 9**(9**387420489): never finishes

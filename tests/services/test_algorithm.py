@@ -438,3 +438,13 @@ def test_position_profile_by_hand():
     mask = torch.tensor([[0, 1, 1, 1], [0, 0, 1, 0]])  # response positions 0,1,2 and 0
     prof = A.position_profile(ent, mask, bucket=2, buckets=2)
     assert prof[0].tolist() == [3.0, 1.0] and prof[1].tolist() == [7.0, 3.0]
+
+
+def test_regularizer_candidates_are_the_one_positives_predicate():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0])
+    adv = torch.tensor([0.9, 0.03, -0.6, -0.2, 0.04])
+    # AEPO: correct and advantage > 0.05 -> only row 0; signed ablation: |adv| > 0.05 -> rows 0, 2, 3
+    assert A.regularizer_candidates(rewards, adv, 0.05).tolist() == [True, False, False, False, False]
+    assert A.regularizer_candidates(rewards, adv, 0.05, signed=True).tolist() == [True, False, True, True, False]
+    idx, sel = A.select_regularizer(rewards, adv, m=2, threshold=0.05, signed=True)
+    assert idx.tolist() == [0, 2] and sel.tolist() == pytest.approx([0.9, -0.6])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.backends import network as loopback
+from services.backends import network
 from services.backends.network import SocketRecord
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -43,27 +43,27 @@ def test_a_local_cluster_listens_and_connects_on_loopback_only():
 
 
 def test_local_ray_env_defaults_and_what_the_user_set():
-    env = loopback.local_ray_env({})
+    env = network.local_ray_env({})
     assert env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
     assert env["RAY_USAGE_STATS_ENABLED"] == "0" and env["RAY_AUTH_MODE"] == "disabled"
-    assert env["http_proxy"] == env["HTTPS_PROXY"] == loopback.CLOSED_PROXY
+    assert env["http_proxy"] == env["HTTPS_PROXY"] == network.CLOSED_PROXY
     assert "127.0.0.1" in env["no_proxy"] and "localhost" in env["NO_PROXY"]
     if sys.platform.startswith("linux"):
         assert env["GLOO_SOCKET_IFNAME"] == "lo"
-    user = loopback.local_ray_env({"RAY_USAGE_STATS_ENABLED": "1", "https_proxy": "http://proxy.corp:3128",
+    user = network.local_ray_env({"RAY_USAGE_STATS_ENABLED": "1", "https_proxy": "http://proxy.corp:3128",
                                    "GLOO_SOCKET_IFNAME": "eth1", "RAY_AUTH_MODE": "token"})
     assert user["RAY_USAGE_STATS_ENABLED"] == "1" and user["RAY_AUTH_MODE"] == "token"
-    assert not any(k in user for k in loopback.PROXY_VARS) and "GLOO_SOCKET_IFNAME" not in user
+    assert not any(k in user for k in network.PROXY_VARS) and "GLOO_SOCKET_IFNAME" not in user
 
 
 def test_the_environment_is_restored_for_the_driver(monkeypatch):
     import ray._private.ray_constants as ray_constants
 
-    for k in loopback.PROXY_VARS + ("no_proxy", "NO_PROXY"):
+    for k in network.PROXY_VARS + ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(k, raising=False)
     flag = ray_constants.ENABLE_RAY_CLUSTER
-    with loopback.local_ray_environment():
-        assert os.environ["http_proxy"] == loopback.CLOSED_PROXY
+    with network.local_ray_environment():
+        assert os.environ["http_proxy"] == network.CLOSED_PROXY
         assert ray_constants.ENABLE_RAY_CLUSTER is False
     assert "http_proxy" not in os.environ and "no_proxy" not in os.environ
     assert ray_constants.ENABLE_RAY_CLUSTER == flag
@@ -74,7 +74,7 @@ def test_the_environment_is_restored_for_the_driver(monkeypatch):
     ("0.0.0.0", False), ("::", False), ("192.0.2.2", False), ("::ffff:192.0.2.2", False), ("10.0.0.1", False),
 ])
 def test_is_loopback(ip, expected):
-    assert loopback.is_loopback(ip) is expected
+    assert network.is_loopback(ip) is expected
 
 
 def test_violations_count_external_wildcard_and_metadata_only():
@@ -85,16 +85,16 @@ def test_violations_count_external_wildcard_and_metadata_only():
            rec("::", "::", "LISTEN", process="gcs_server", remote_port=0),
            rec("127.0.0.1", "10.1.2.3", process="ray::RuntimeEnv"),
            rec("192.0.2.2", "169.254.169.254", "TIME-WAIT", process="", pid=None)]  # owner gone: still counts
-    assert loopback.violations(ok + bad) == bad
+    assert network.violations(ok + bad) == bad
     # by pid: only the listed processes (and the metadata address, whoever)
-    assert loopback.violations(ok + bad, pids={99}) == [bad[-1]]
+    assert network.violations(ok + bad, pids={99}) == [bad[-1]]
 
 
 def test_proc_net_addresses_are_decoded():
     # /proc/net/tcp writes IPv4 as one little-endian word, IPv6 as four
-    assert loopback._addr("0100007F:1F90") == ("127.0.0.1", 8080)
-    assert loopback._addr("00000000000000000000000001000000:0016") == ("::1", 22)
-    assert loopback._addr("0000000000000000FFFF00000100007F:0050") == ("::ffff:127.0.0.1", 80)
+    assert network._addr("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert network._addr("00000000000000000000000001000000:0016") == ("::1", 22)
+    assert network._addr("0000000000000000FFFF00000100007F:0050") == ("::ffff:127.0.0.1", 80)
 
 
 def test_own_sockets_are_found_with_their_process():
@@ -104,23 +104,23 @@ def test_own_sockets_are_found_with_their_process():
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        mine = [r for r in loopback.all_sockets() if r.local_port == port and r.state == "LISTEN"]
+        mine = [r for r in network.all_sockets() if r.local_port == port and r.state == "LISTEN"]
     assert mine and mine[0].pid == os.getpid() and mine[0].local == "127.0.0.1"
-    assert os.getpid() in loopback.descendants(os.getppid())
+    assert os.getpid() in network.descendants(os.getppid())
 
 
 def test_the_rendezvous_store_listens_on_the_master_address_only(monkeypatch):
     import torch.distributed as dist
 
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")  # what a local cluster's processes get
-    from testlib import free_port
 
-    port = free_port()
-    loopback.join_process_group("gloo", "127.0.0.1", port, 0, 1, timeout_s=30)
+
+    port = network.free_port()
+    network.join_process_group("gloo", "127.0.0.1", port, 0, 1, timeout_s=30)
     try:
-        listening = [r for r in loopback.all_sockets() if r.pid == os.getpid() and r.state == "LISTEN"]
+        listening = [r for r in network.all_sockets() if r.pid == os.getpid() and r.state == "LISTEN"]
         store = [r for r in listening if r.local_port == port]
         assert store and all(r.local == "127.0.0.1" for r in store)
-        assert all(loopback.is_loopback(r.local) for r in listening), listening
+        assert all(network.is_loopback(r.local) for r in listening), listening
     finally:
         dist.destroy_process_group()

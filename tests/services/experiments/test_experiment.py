@@ -1,4 +1,4 @@
-"""The experiment runner (services/experiments/runner.py) and its report (services/experiments/report.py).
+"""The experiment runner (services/experiments/runner.py) and its report (services/experiments/report/).
 
 Pure parts on hand-made inputs; then one real, tiny experiment through `aepo experiment` with
 the in-process backend (2 RL steps per run) that checks the report, the run sharing and that a
@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.experiments import report as R
+from services.experiments.report import runs as R
+from services.experiments.report.write import write_report
 from services.experiments.runner import ExperimentSpec, dedupe, expand, is_done, load_spec, run_dir, share_dirs
+from services.loop.outputs import tracking_error
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -76,7 +78,7 @@ def _rows(hs, target=None):
 def test_tracking_error_overshoot_and_settling_by_hand():
     rows = _rows([0.50, 0.40, 0.30, 0.34, 0.36, 0.35], target=0.35)
     # second half: steps 3, 4, 5 -> |−0.01|, |0.01|, 0 -> mean 0.02 / 3
-    assert R.tracking_error(rows) == pytest.approx(0.02 / 3)
+    assert tracking_error(rows) == pytest.approx(0.02 / 3)
     # from above; first below the target at step 2 (0.30): overshoot 0.05
     assert R.overshoot(rows, 0.35) == pytest.approx(0.05)
     # |H − H*| <= 0.02 from step 3 on (step 2 is 0.05 off)
@@ -112,7 +114,7 @@ def test_the_report_computes_its_verdicts_from_the_run_files(tmp_path):
         else:
             _fake_run(j, _rows([0.5] + [0.42] * 19, 0.5), {"eval_avg@4": 0.6, "eval_pass@1": 0.50, "eval_pass@4": 0.8})
     assert R.best_sweep_target(jobs) == 0.3
-    path = R.write_report(spec.model_copy(update={"final_eval_samples": 4}), jobs, tmp_path / "out", spec_path="s.yaml")
+    path = write_report(spec.model_copy(update={"final_eval_samples": 4}), jobs, tmp_path / "out", spec_path="s.yaml")
     text = path.read_text()
     verdicts = {v["claim"].split(".")[0]: v for v in json.loads((tmp_path / "out" / "verdicts.json").read_text())}
     # GRPO's last 10 steps average 0.5 − 0.3 · 14.5 / 19 = 0.271: a fall of 46 % from 0.5
@@ -167,7 +169,7 @@ def test_the_committed_toy_claims_runs_are_all_found():
     """Every run of deploy/experiments/toy_claims.yaml, the best-target groups included, is done in
     results/toy_claims: a config change that renames the runs (a new setting in the digest) fails here
     instead of making `--report-only` miss them and a rerun redo an hour of work."""
-    from services.experiments.report import best_sweep_target
+    from services.experiments.report.runs import best_sweep_target
 
     spec = load_spec(REPO / "deploy/experiments/toy_claims.yaml")
     root = REPO / spec.output_dir

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 import pytest
-from testlib import free_port
+from services.backends.network import free_port
 import torch
 from reference_decoding import hf_model_with
 

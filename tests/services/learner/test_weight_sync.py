@@ -11,7 +11,9 @@ from services.config import GRPOConfig, LearnerConfig, RolloutConfig
 from services.learner.batch import TrainBatch
 from services.learner.group import LearnerGroup
 from services.model.tiny import encode_prompt
-from services.rollout.service import RolloutPool, SamplingRequest, _split
+from services.rollout.pool import RolloutPool
+from services.rollout.pool import _split
+from services.rollout.service import SamplingRequest
 
 PROMPTS = ["9,8,3>69|", "1,2,3>6|", "4,5,6>120|", "7,7,7>1|", "2,3>5|"]
 

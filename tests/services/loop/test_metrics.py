@@ -3,7 +3,7 @@
 import urllib.request
 
 from prometheus_client import generate_latest
-from testlib import free_port
+from services.backends.network import free_port
 
 from services.loop.metrics import CATALOGUE, RunMetrics, exported_names
 

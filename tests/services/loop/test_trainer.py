@@ -9,7 +9,8 @@ from controller.client import LocalControllerClient
 from controller.actor import ControllerCore, MemoryStore
 from services.config import TrainConfig
 from services.data.datasets import PromptItem
-from services.loop.trainer import Components, Rollout, Trainer
+from services.contracts import Components, Rollout
+from services.loop.trainer import Trainer
 
 
 class CharTokenizer:

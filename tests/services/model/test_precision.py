@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_decoding import hf_model_with
-from testlib import free_port
+from services.backends.network import free_port
 
 from services import algorithm as alg
 from services.config import AEPOConfig, LearnerConfig, WarmStartSettings

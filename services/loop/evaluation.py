@@ -1,0 +1,41 @@
+"""Held-out evaluation: avg@k at the eval temperature and unbiased pass@k at T=1."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from services import algorithm as A
+from services.loop.steps import step_seed, verify
+
+if TYPE_CHECKING:
+    from services.loop.trainer import Trainer
+
+
+def evaluate(trainer: "Trainer", after_steps: int) -> dict:
+    """Held-out avg@k at the eval temperature and pass@k at T=1 (unbiased estimator)."""
+    tc = trainer.cfg.trainer
+    if not trainer.eval_items:
+        return {}
+    final = after_steps == tc.steps
+    n_prompts = (tc.final_eval_prompts or tc.eval_prompts) if final else tc.eval_prompts
+    items = trainer.eval_items[:n_prompts] if n_prompts else trainer.eval_items
+    prompts = trainer.encoded(items)
+    n = (tc.final_eval_samples or tc.eval_samples) if final else tc.eval_samples
+    out: dict[str, float] = {}
+    for temp, tag in ((tc.eval_temperature, "low"), (1.0, "t1")):
+        samples = trainer.parts.rollout.generate(prompts, n, temp, step_seed(tc.seed, after_steps, 3 if tag == "low" else 4))
+        trainer.decode(samples)
+        verify(trainer.parts.reward, samples, after_steps, f"eval-{tag}")
+        correct = torch.tensor([s.outcome == "correct" for s in samples], dtype=torch.float32).view(len(items), n)
+        if tag == "low":
+            out[f"eval_avg@{n}"] = A.avg_at_k(correct)
+        else:
+            c = correct.sum(1).long().tolist()
+            k = 1
+            while k <= n:
+                out[f"eval_pass@{k}"] = sum(A.pass_at_k(n, ci, k) for ci in c) / len(c)
+                k *= 2
+    trainer.eval_log.append({"step": after_steps, **out})
+    return out
