@@ -113,13 +113,13 @@ def summary(records) -> dict:
     def cls(ip: str) -> str:
         if network.is_loopback(ip):
             return "loopback"
-        return "wildcard" if network._unspecified(ip) else "external"
+        return "wildcard" if network.is_unspecified(ip) else "external"
 
     counts: dict[str, int] = {}
     for s in records:
         key = f"local {cls(s.local)}"
         counts[key] = counts.get(key, 0) + 1
-        if s.state != "LISTEN" and not (network._unspecified(s.remote) and s.remote_port == 0):
+        if s.state != "LISTEN" and not network.unconnected(s):
             key = f"remote {cls(s.remote)}"
             counts[key] = counts.get(key, 0) + 1
     return counts

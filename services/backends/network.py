@@ -183,8 +183,14 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback
 
 
-def _unspecified(ip: str) -> bool:
+def is_unspecified(ip: str) -> bool:
+    """0.0.0.0 or :: (a wildcard bind, or the remote side of a socket that is not connected)."""
     return ipaddress.ip_address(ip).is_unspecified
+
+
+def unconnected(s: SocketRecord) -> bool:
+    """A listening or unconnected socket: its remote side is the unspecified address, port 0."""
+    return is_unspecified(s.remote) and s.remote_port == 0
 
 
 def is_ray_process(name: str) -> bool:
@@ -209,7 +215,7 @@ def violations(sockets: list[SocketRecord], pids: set[int] | None = None) -> lis
         ours = s.pid is not None and (s.pid in pids if pids is not None else is_ray_process(s.process))
         if not ours:
             continue
-        remote_ok = is_loopback(s.remote) or (_unspecified(s.remote) and s.remote_port == 0)
+        remote_ok = is_loopback(s.remote) or unconnected(s)
         if not is_loopback(s.local) or not remote_ok:
             bad.append(s)
     return bad

@@ -64,7 +64,6 @@ class LearnerWorker:
         """Join the process group, load the model, shard it with FSDP2, make the optimizer."""
         from services.backends.network import join_process_group
 
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if master_addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (CI)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
