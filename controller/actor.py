@@ -110,6 +110,25 @@ class ControllerCore:
     # ------------------------------------------------------------------ the learners' side
     def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
         """Record the entropy the learners measured after `step` (exact or sampled estimate)."""
+        last = self._observe(step, entropy, source)
+        self.store.save(self._state)
+        return last
+
+    def publish(self, step: int, entropies: dict[str, float], selected: int | None = None) -> None:
+        """One step's measurements from the learners (one store write): the entropy per source,
+        and how many regularizer rows the step trains on, kept in the decision log beside the plan."""
+        for source, entropy in entropies.items():
+            self._observe(step, entropy, source)
+        if selected is not None:
+            self._state["selected"] = {"step": int(step), "n": int(selected)}
+            for e in reversed(self._state["log"]):
+                if e["step"] == step:
+                    e["selected"] = int(selected)
+                    break
+            self.metrics.selected(int(selected))
+        self.store.save(self._state)
+
+    def _observe(self, step: int, entropy: float, source: str) -> dict:
         if source not in SOURCES:
             raise ValueError(f"unknown entropy source {source!r} (known: {', '.join(SOURCES)})")
         entropy = float(entropy)
@@ -119,7 +138,6 @@ class ControllerCore:
         if last is not None and step < last["step"]:
             raise ValueError(f"observation for step {step} arrived after step {last['step']} ({source})")
         self._state["last"][source] = {"step": int(step), "entropy": entropy, "time": time.time()}
-        self.store.save(self._state)
         self.metrics.observed(source, entropy, self.target(step))
         return self._state["last"][source]
 
@@ -143,16 +161,6 @@ class ControllerCore:
         self.store.save(self._state)
         self.metrics.planned(p)
         return entry
-
-    def record_selection(self, step: int, n_selected: int) -> None:
-        """How many regularizer positives were kept at `step` (for the log and the gauge)."""
-        self._state["selected"] = {"step": int(step), "n": int(n_selected)}
-        for e in reversed(self._state["log"]):
-            if e["step"] == step:
-                e["selected"] = int(n_selected)
-                break
-        self.store.save(self._state)
-        self.metrics.selected(n_selected)
 
     def restore(self, state: dict) -> None:
         """Load a state saved by `state()` (a checkpoint's copy), for a controller without Redis."""

@@ -9,7 +9,9 @@ implementations exist and nothing else re-wraps the controller:
 - `RayControllerClient` calls that actor, with a timeout on every call; it pickles to the
   learners' Ray actors as it is (an actor handle travels), so rank 0 publishes through it.
 
-`publish_entropy` is the one place that says which measured entropy goes to which source.
+`publish_entropy` is the one place that says which measured entropy goes to which source; it
+reaches the controller as one `publish` call per step (rank 0 of the learners), which also
+carries how many regularizer rows the step trains on, so the driver never reports back.
 """
 
 from __future__ import annotations
@@ -19,16 +21,17 @@ from typing import Any, Protocol, runtime_checkable
 
 @runtime_checkable
 class ControllerClient(Protocol):
-    """Observe entropy (learners), plan the regularizer (rollout), and its bookkeeping (driver)."""
+    """Observe entropy (the learners), plan the regularizer (the rollout adapter), state (checkpoints)."""
 
     def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
         """Record the entropy measured at `step` for `source` (exact | sampled)."""
 
+    def publish(self, step: int, entropies: dict[str, float], selected: int | None = None) -> None:
+        """A step's measurements in one call: the entropy per source, and the regularizer rows
+        the step trains on (None: not counted)."""
+
     def plan(self, step: int) -> dict:
         """The regularizer plan for `step`: {temperature, m, weight, target, direction, reason, entropy}."""
-
-    def record_selection(self, step: int, n_selected: int) -> None:
-        """How many regularizer positives were kept at `step`."""
 
     def target(self, step: int) -> float | None:
         """The entropy target at `step`; None when the algorithm has none."""
@@ -52,8 +55,8 @@ class LocalControllerClient:
     def plan(self, step: int) -> dict:
         return self.core.plan(step)
 
-    def record_selection(self, step: int, n_selected: int) -> None:
-        self.core.record_selection(step, n_selected)
+    def publish(self, step: int, entropies: dict[str, float], selected: int | None = None) -> None:
+        self.core.publish(step, entropies, selected)
 
     def target(self, step: int) -> float | None:
         return self.core.target(step)
@@ -86,8 +89,8 @@ class RayControllerClient:
     def plan(self, step: int) -> dict:
         return self._call("plan", step)
 
-    def record_selection(self, step: int, n_selected: int) -> None:
-        self._call("record_selection", step, n_selected)
+    def publish(self, step: int, entropies: dict[str, float], selected: int | None = None) -> None:
+        self._call("publish", step, entropies, selected)
 
     def target(self, step: int) -> float | None:
         return self._call("target", step)
@@ -104,11 +107,13 @@ PUBLISHED = {"exact": "entropy", "sampled": "entropy_sampled_batch"}
 
 
 def publish_entropy(controller: ControllerClient, step: int, stats: dict) -> None:
-    """Send a step's measured entropy to the controller, one observation per source.
+    """Send a step's measured entropy to the controller, one observation per source, and the
+    number of regularizer rows trained on (`reg_selected`), in one call.
 
     `exact`: the exact full-vocabulary entropy at T=1 over the GRPO rows (the default signal).
     `sampled`: the sampled-token estimate over the whole mixed update batch (GRPO and
     regularizer rows), the signal the reference implementation feeds its controller.
     """
-    for source, key in PUBLISHED.items():
-        controller.observe(step, stats[key], source)
+    selected = stats.get("reg_selected")
+    controller.publish(step, {source: stats[key] for source, key in PUBLISHED.items()},
+                       None if selected is None else int(selected))

@@ -1,54 +1,68 @@
 """The step's types and the components' interfaces, as the driver sees them.
 
-A sample's life in one step: the engine's `EngineOutput` (services/rollout/engines) becomes a
-`Sample` in the rollout service (token ids, temperature, policy version), a `Rollout` in the
-driver (joined with its prompt, decoded, then given its reward and outcome), a row of the update
-batch (`services/loop/steps.update_batch`, the learners' `TrainBatch`), and a line of
-samples.jsonl. Quantities keep one name from the learner's stats to the metrics row to
-Prometheus: `entropy` (exact, T=1, GRPO rows: the controller's default signal), `entropy_sampled`,
-`entropy_sampled_batch`, `entropy_regularizer`, `entropy_target`, `reg_temperature`, ...
-(services/loop/metrics.py maps each row field to its metric).
+A sample's life in one step, one type per stage:
+
+1. `services.rollout.engines.EngineOutput`: what an engine adapter returns (response ids, finish
+   reason); it knows nothing of policy versions or prompts.
+2. `Sample` (here): the rollout service's result, from the actor to the driver's logs. It carries
+   the caller's prompt (the driver's `PromptItem`), the token ids, the temperature and policy
+   version it was drawn with; the driver fills in `text` (step 3), then `reward` and `outcome`
+   (step 4).
+3. `reward_server.schemas.VerifyItem` / `VerifyResult`: the reward API's request and verdict,
+   the same types over HTTP and in process.
+4. `services.learner.batch.TrainBatch`: the update batch the driver lays out (step 5), one row
+   per trained sample, sharded by the learner group.
+
+Quantities keep one name from the learner's stats to the metrics row to Prometheus: `entropy`
+(exact, T=1, GRPO rows: the controller's default signal), `entropy_sampled`,
+`entropy_sampled_batch`, `entropy_regularizer`, `entropy_target`, `reg_temperature`,
+`reg_selected`, ... (services/loop/metrics.py maps each row field to its metric).
 
 The backends implement the protocols: services/backends/ray_cluster.py (Ray actors) and
 services/backends/in_process.py; tests use fakes. The controller's interface is
-`controller.client.ControllerClient`.
+`controller.client.ControllerClient`. This module imports neither Ray nor torch, so the rollout
+service uses it in the separate vLLM environment too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 from controller.client import ControllerClient
-from services.data.datasets import PromptItem
+
+if TYPE_CHECKING:
+    from reward_server.schemas import VerifyItem, VerifyResult
+    from services.data.datasets import PromptItem
+    from services.learner.batch import TrainBatch
 
 
 @dataclass
-class Rollout:
-    """One sampled response, joined with its verdict after step 4."""
+class Sample:
+    """One sampled response. `response_ids` ends with eos when finish_reason is 'stop'."""
 
-    prompt: PromptItem
+    prompt: Any  # what the caller passed with the prompt ids: the driver's PromptItem
     prompt_ids: list[int]
     response_ids: list[int]
-    finish_reason: str
+    finish_reason: str  # "stop" | "length"
     temperature: float
     policy_version: int
     engine: str
-    text: str = ""
-    reward: float = 0.0
+    text: str = ""  # the decoded response (the driver, step 3)
+    reward: float = 0.0  # the verdict (the driver, step 4)
     outcome: str = ""
 
 
 class RolloutBackend(Protocol):
     """Rollout generation: the Ray pool or the in-process service, behind the driver's calls."""
 
-    def generate(self, prompts: Sequence[tuple[PromptItem, list[int]]], n: int, temperature: float, seed: int) -> list[Rollout]:
+    def generate(self, prompts: Sequence[tuple[PromptItem, list[int]]], n: int, temperature: float, seed: int) -> list[Sample]:
         """n samples per prompt, grouped prompt by prompt, in order."""
 
     def generate_step(
         self, step: int, prompts: Sequence[tuple[PromptItem, list[int]]], reg_prompts: Sequence[tuple[PromptItem, list[int]]],
         n: int, seed: int,
-    ) -> tuple[list[Rollout], list[Rollout], dict]:
+    ) -> tuple[list[Sample], list[Sample], dict]:
         """The GRPO batch at T=1 and, when reg_prompts is not empty, the regularizer batch at the
         temperature the rollout service gets from the controller's plan for `step`, in one engine
         call. Returns (grpo samples, regularizer samples, plan or {})."""
@@ -60,14 +74,14 @@ class RolloutBackend(Protocol):
 class RewardBackend(Protocol):
     """The reward server (over HTTP) or the inline verifiers."""
 
-    def verify(self, items: list[dict]) -> list[dict]:
-        """[{id, task, response, reference}] -> [{id, reward, outcome, detail}] in order."""
+    def verify(self, items: list[VerifyItem]) -> list[VerifyResult]:
+        """One verdict per item, in order."""
 
 
 class LearnerBackend(Protocol):
     """The learner group (Ray) or one in-process rank."""
 
-    def update(self, batch: dict, step: int) -> dict:
+    def update(self, batch: TrainBatch, step: int) -> dict:
         """One policy update; publishes the step's entropy to the controller; returns stats."""
 
     def full_weights(self) -> dict: ...
@@ -79,6 +93,8 @@ class LearnerBackend(Protocol):
 
 class Tokenizer(Protocol):
     """Prompt text to ids, response ids to text (chat template applied by the backend)."""
+
+    pad_id: int  # what the update batch pads with
 
     def encode(self, text: str) -> list[int]: ...
 

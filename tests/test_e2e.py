@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from services.backends.network import free_port
+from testlib import prompts_of
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +82,7 @@ class CrashAt:
     def update(self, batch, step):
         if step == self.crash_step:
             raise RuntimeError("learner killed")
-        self.seen_prompts[step] = batch["prompt_ids"]
+        self.seen_prompts[step] = prompts_of(batch)
         return self.inner.update(batch, step)
 
     def __getattr__(self, name):

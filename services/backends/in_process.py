@@ -15,11 +15,17 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from typing import TYPE_CHECKING
 
 from services.backends.network import free_port
 from services.config import TrainConfig, learner_config
 from controller.client import LocalControllerClient
 from services.backends.ray_cluster import PolicySystem, TokenizerAdapter
+
+if TYPE_CHECKING:
+    from reward_server.schemas import VerifyItem, VerifyResult
+    from services.learner.batch import TrainBatch
 
 log = logging.getLogger("aepo")
 
@@ -32,21 +38,23 @@ class InlineReward:
 
         self._get = get_verifier
 
-    def verify(self, items: list[dict]) -> list[dict]:
+    def verify(self, items: list[VerifyItem]) -> list[VerifyResult]:
+        from reward_server.schemas import VerifyResult
         from reward_server.verifiers import run_verifier
         from reward_server.verifiers.base import reward_of
 
         out = []
+        t0 = time.monotonic()
         for it in items:
-            verifier = self._get(it["task"])
+            verifier = self._get(it.task)
             if not verifier.inline:
                 raise ValueError(
-                    f"task {it['task']!r} needs the reward server's worker pool (it is not an inline verifier); "
+                    f"task {it.task!r} needs the reward server's worker pool (it is not an inline verifier); "
                     "run it with the ray backend"
                 )
-            verdict = run_verifier(verifier.verify, it["response"], it["reference"])
-            out.append({"id": it["id"], "reward": reward_of(verdict.outcome),
-                        "outcome": verdict.outcome, "detail": verdict.detail})
+            verdict = run_verifier(verifier.verify, it.response, it.reference)
+            out.append(VerifyResult(id=it.id, reward=reward_of(verdict.outcome), outcome=verdict.outcome,
+                                    detail=verdict.detail, elapsed_s=time.monotonic() - t0))
         return out
 
 
@@ -54,14 +62,15 @@ class LocalLearner:
     """One `LearnerWorker` rank in this process; publishes the step's entropy to the controller
     core exactly as the Ray learners publish to the controller actor."""
 
-    def __init__(self, worker, pad_id: int, controller: LocalControllerClient) -> None:
-        self.worker, self.pad_id, self.controller = worker, pad_id, controller
+    def __init__(self, worker, controller: LocalControllerClient) -> None:
+        self.worker, self.controller = worker, controller
         self.compute = worker.compute_info()  # device and precision, for the run summary
 
-    def update(self, batch: dict, step: int) -> dict:
-        from services.learner.batch import TrainBatch
+    def update(self, batch: TrainBatch, step: int) -> dict:
+        from services.learner.batch import shard_for_ranks
 
-        return self.worker.update(TrainBatch.from_dict(batch, self.pad_id), step=step, controller=self.controller)
+        (shard,) = shard_for_ranks(batch, 1, self.worker.cfg)
+        return self.worker.update(shard, step=step, controller=self.controller)
 
     def full_weights(self) -> dict:
         return self.worker.full_state_dict()
@@ -101,7 +110,7 @@ class LocalSystem(PolicySystem):
         torch.set_num_threads(self.threads)  # after both: each sets its own thread count
         tok = load_tokenizer(self.model_path)
         self.tokenizer = TokenizerAdapter(tok, cfg.model.chat_template)
-        self.learner = LocalLearner(self.worker, int(tok.pad_token_id), self.controller)
+        self.learner = LocalLearner(self.worker, self.controller)
 
     def _rollout(self):
         return self.rollout

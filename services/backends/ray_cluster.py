@@ -12,13 +12,16 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controller.client import ControllerClient, RayControllerClient
 from services.backends.network import free_port
 from services.config import AEPOConfig, TrainConfig, learner_config
-from services.data.datasets import PromptItem
-from services.contracts import Components, Rollout
+from services.contracts import Components, Sample
+
+if TYPE_CHECKING:
+    from reward_server.schemas import VerifyItem, VerifyResult
+    from services.learner.batch import TrainBatch
 
 log = logging.getLogger("aepo")
 
@@ -64,46 +67,35 @@ class RewardAdapter:
         self.base_url = base_url
         self.client = RewardClient(base_url, token=token, item_timeout_s=timeout_s)
 
-    def verify(self, items: list[dict]) -> list[dict]:
-        return [r.model_dump() for r in self.client.verify_sync(items)]
+    def verify(self, items: list[VerifyItem]) -> list[VerifyResult]:
+        return self.client.verify_sync(items)
 
 
 class RolloutAdapter:
-    """RolloutPool behind the driver's protocol; asks the controller for the regularizer plan."""
+    """RolloutPool (or one RolloutService) behind the driver's protocol; asks the controller for
+    the regularizer plan. Each request carries the driver's PromptItem with its ids, so the
+    samples come back holding it (`Sample.prompt`)."""
 
     def __init__(self, pool, controller: ControllerClient | None):
         self.pool, self.controller = pool, controller
 
-    @staticmethod
-    def _rows(samples, items: dict[str, PromptItem]) -> list[Rollout]:
-        return [
-            Rollout(items[s.prompt_id], s.prompt_ids, s.response_ids, s.finish_reason, s.temperature,
-                    s.policy_version, s.engine)
-            for s in samples
-        ]
-
-    def generate(self, prompts, n: int, temperature: float, seed: int) -> list[Rollout]:
+    def generate(self, prompts, n: int, temperature: float, seed: int) -> list[Sample]:
         from services.rollout.service import SamplingRequest
 
-        items = {it.id: it for it, _ in prompts}
-        req = SamplingRequest([(it.id, ids) for it, ids in prompts], n, temperature)
-        return self._rows(self.pool.generate_many([req], seed=seed).samples[0], items)
+        return self.pool.generate_many([SamplingRequest(list(prompts), n, temperature)], seed=seed).samples[0]
 
     def generate_step(self, step: int, prompts, reg_prompts, n: int, seed: int):
         from services.rollout.service import SamplingRequest
 
-        items = {it.id: it for it, _ in prompts}
-        reqs = [SamplingRequest([(it.id, ids) for it, ids in prompts], n, 1.0)]
+        reqs = [SamplingRequest(list(prompts), n, 1.0)]
         plan: dict = {}
         if reg_prompts:
             if self.controller is None:
                 raise RuntimeError("a regularizer batch needs the entropy controller")
             plan = self.controller.plan(step)
-            reqs.append(SamplingRequest([(it.id, ids) for it, ids in reg_prompts], n, plan["temperature"]))
+            reqs.append(SamplingRequest(list(reg_prompts), n, plan["temperature"]))
         result = self.pool.generate_many(reqs, seed=seed)
-        grpo = self._rows(result.samples[0], items)
-        reg = self._rows(result.samples[1], items) if reg_prompts else []
-        return grpo, reg, plan
+        return result.samples[0], (result.samples[1] if reg_prompts else []), plan
 
     def load_weights(self, version: int, weights: Any) -> float:
         return float(self.pool.load_weights(version, weights)["sync_s"])
@@ -116,7 +108,7 @@ class LearnerAdapter:
         self.group, self.controller = group, controller
         self.compute = group.compute  # device and precision, for the run summary
 
-    def update(self, batch: dict, step: int) -> dict:
+    def update(self, batch: TrainBatch, step: int) -> dict:
         return self.group.update(batch, step=step, controller=self.controller)
 
     def full_weights(self):
@@ -134,6 +126,7 @@ class TokenizerAdapter:
 
     def __init__(self, tokenizer, chat_template: bool):
         self.tok, self.chat_template = tokenizer, chat_template
+        self.pad_id = int(tokenizer.pad_token_id)
 
     def encode(self, text: str) -> list[int]:
         from services.model.tiny import encode_prompt

@@ -13,6 +13,8 @@ from typing import Sequence
 
 import torch
 
+from services.config import LearnerConfig
+
 
 @dataclass
 class TrainBatch:
@@ -40,7 +42,7 @@ class TrainBatch:
         is_regularizer: Sequence[bool] | torch.Tensor,
         pad_id: int,
     ) -> "TrainBatch":
-        """Right-padded batch from token-id lists (e.g. `Sample.prompt_ids` / `.response_ids`)."""
+        """Right-padded batch from token-id lists (`Sample.prompt_ids` / `.response_ids`: the driver's step 5)."""
         if not (len(prompts) == len(responses) == len(advantages) == len(is_regularizer)):
             raise ValueError("prompts, responses, advantages and is_regularizer must have one entry per row")
         width = max(len(p) + len(r) for p, r in zip(prompts, responses))
@@ -57,13 +59,6 @@ class TrainBatch:
             resp,
             torch.as_tensor(advantages, dtype=torch.float32),
             torch.as_tensor(is_regularizer, dtype=torch.bool),
-        )
-
-    @classmethod
-    def from_dict(cls, batch: dict, pad_id: int) -> "TrainBatch":
-        """From the driver's {prompt_ids, response_ids, advantages, is_regularizer} lists."""
-        return cls.from_sequences(
-            batch["prompt_ids"], batch["response_ids"], batch["advantages"], batch["is_regularizer"], pad_id
         )
 
     def select(self, rows) -> "TrainBatch":
@@ -96,6 +91,19 @@ def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
     return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
 
 
+def mini_batch_bounds(rows: int, mini_batches: int) -> list[int]:
+    """Where each of `mini_batches` near-equal contiguous parts of `rows` starts (and the end):
+    the first `rows % mini_batches` parts are one row longer."""
+    q, extra = divmod(rows, mini_batches)
+    return [k * q + min(k, extra) for k in range(mini_batches + 1)]
+
+
+def _within_blocks(keys: torch.Tensor, mini_batches: int) -> torch.Tensor:
+    """Row order that sorts `keys` (stably) inside each mini-batch block; rows never leave their block."""
+    b = mini_batch_bounds(len(keys), mini_batches)
+    return torch.cat([b[k] + torch.sort(keys[b[k] : b[k + 1]], stable=True).indices for k in range(mini_batches)])
+
+
 def shard_batch(batch: TrainBatch, world_size: int, mini_batches: int = 1) -> list[TrainBatch]:
     """Split a global batch into per-rank shards that keep the mini-batch structure.
 
@@ -105,9 +113,8 @@ def shard_batch(batch: TrainBatch, world_size: int, mini_batches: int = 1) -> li
     receives its piece of every part in order: its local mini-batch k is its k-th block of `per`.
     """
     B = len(batch)
-    q, extra = divmod(B, mini_batches)
-    starts = [k * q + min(k, extra) for k in range(mini_batches + 1)]
-    per = max(1, math.ceil((q + (1 if extra else 0)) / world_size))
+    starts = mini_batch_bounds(B, mini_batches)
+    per = max(1, math.ceil((starts[1] - starts[0]) / world_size))
     ext = batch.padded_to(B + 1)  # row B is the dummy every piece is topped up with
     shards = []
     for r in range(world_size):
@@ -119,16 +126,26 @@ def shard_batch(batch: TrainBatch, world_size: int, mini_batches: int = 1) -> li
     return shards
 
 
+def shard_for_ranks(batch: TrainBatch, world_size: int, cfg: LearnerConfig) -> list[TrainBatch]:
+    """The update batch's one layout: with `share_prefix`, rows of one prompt side by side inside
+    each mini-batch (a permutation inside it, so the update is the same), then `shard_batch`.
+
+    Each prompt's rows, the regularizer samples of that prompt included, so land on one rank,
+    which runs the prompt once; every rank holds whole groups of the same kind and about the same
+    work, so neither waits at the collectives. The ranks do not reorder prompts again.
+    """
+    if cfg.share_prefix:
+        batch = batch.select(prompt_order(batch, cfg.mini_batches))
+    return shard_batch(batch, world_size, cfg.mini_batches)
+
+
 def length_order(lengths: torch.Tensor, mini_batches: int = 1) -> torch.Tensor:
-    """Row order that sorts each of the `mini_batches` contiguous blocks by length (stable).
+    """Row order that sorts each of the `mini_batches` blocks (`mini_batch_bounds`) by length (stable).
 
     Rows never leave their mini-batch, so each optimizer step sees the same rows; inside it the
     order only decides which rows share a micro-batch, i.e. how much padding each one carries.
     """
-    per = len(lengths) // mini_batches
-    return torch.cat([
-        k * per + torch.sort(lengths[k * per : (k + 1) * per], stable=True).indices for k in range(mini_batches)
-    ])
+    return _within_blocks(lengths, mini_batches)
 
 
 def prompt_lengths(attention_mask: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +161,4 @@ def prompt_order(batch: TrainBatch, mini_batches: int = 1) -> torch.Tensor:
     plen = prompt_lengths(batch.attention_mask, batch.response_mask).tolist()
     first: dict[tuple, int] = {}
     group = torch.tensor([first.setdefault(tuple(row[:n]), i) for i, (row, n) in enumerate(zip(batch.tokens.tolist(), plen))])
-    per = len(group) // mini_batches
-    return torch.cat([
-        k * per + torch.sort(group[k * per : (k + 1) * per], stable=True).indices for k in range(mini_batches)
-    ])
+    return _within_blocks(group, mini_batches)

@@ -9,7 +9,7 @@ import torch
 
 from controller.client import ControllerClient
 from services.config import AlgorithmConfig, LearnerConfig
-from services.learner.batch import TrainBatch, prompt_order, shard_batch
+from services.learner.batch import TrainBatch, shard_batch, shard_for_ranks
 from services.learner.worker import LearnerWorker
 
 
@@ -30,10 +30,7 @@ class LearnerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from services.model.tiny import load_tokenizer
-
         self.cfg, self.world_size = cfg, cfg.num_workers
-        self.pad_id = int(load_tokenizer(model_path).pad_token_id)
         self.device = _resolve_device(cfg)
         gpus = 1 if self.device == "cuda" else 0
         bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})}
@@ -63,31 +60,20 @@ class LearnerGroup:
             refs = [getattr(w, method).remote() for w in self.workers]
         return ray.get(refs)
 
-    def _as_batch(self, batch: "TrainBatch | dict") -> TrainBatch:
-        return batch if isinstance(batch, TrainBatch) else TrainBatch.from_dict(batch, self.pad_id)
-
     def update(
-        self, batch: "TrainBatch | dict", step: int | None = None, controller: ControllerClient | None = None
+        self, batch: TrainBatch, step: int | None = None, controller: ControllerClient | None = None
     ) -> dict[str, float]:
         """One RL update on the global batch; stats are global (all-reduced), taken from rank 0.
 
         `controller` (a `RayControllerClient`; it travels to the actors): rank 0 publishes the
         step's entropy to it.
         """
-        batch = self._as_batch(batch)
-        if self.cfg.share_prefix:
-            # Rows of one prompt side by side before the contiguous split (a permutation inside each
-            # mini-batch, so the update is the same): each prompt's rows, the regularizer samples of
-            # that prompt included, go to one rank, which runs the prompt once; every rank then holds
-            # whole groups of the same kind and about the same work, so neither waits at the collectives.
-            batch = batch.select(prompt_order(batch, self.cfg.mini_batches))
-        shards = shard_batch(batch, self.world_size, self.cfg.mini_batches)
+        shards = shard_for_ranks(batch, self.world_size, self.cfg)
         n = self.world_size
         return self._fan_out("update", shards, [step] * n, [controller] * n)[0]
 
-    def compute_logprobs(self, batch: "TrainBatch | dict", temperature: float = 1.0) -> torch.Tensor:
+    def compute_logprobs(self, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
         """log π_T of every token given its prefix, [B, L] (column 0 is 0), no grad."""
-        batch = self._as_batch(batch)
         shards = shard_batch(batch, self.world_size, 1)
         parts = self._fan_out("compute_logprobs", shards, [temperature] * self.world_size)
         return torch.cat(parts)[: len(batch)]

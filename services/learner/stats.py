@@ -30,7 +30,7 @@ def entropy_stats(
 ) -> dict[str, Any]:
     """Exact token-mean entropy at T=1 of GRPO rows and of regularizer rows; sampled estimates
     (over the GRPO rows, and over the whole mixed update batch: the reference code's signal);
-    and where the GRPO rows' entropy lives (`token_entropy`, `entropy_by_position`)."""
+    the number of regularizer rows (`reg_selected`); and where the GRPO rows' entropy lives (`token_entropy`, `entropy_by_position`)."""
     ea = analysis
     mask = batch.response_mask[:, 1:]
     reg = batch.is_regularizer.unsqueeze(1).to(mask.dtype)
@@ -41,6 +41,7 @@ def entropy_stats(
         alg.sampled_entropy_estimate(old_logp, grpo_mask) * grpo_mask.sum(),
         alg.sampled_entropy_estimate(old_logp, mask) * mask.sum(), mask.sum(),
         (irrelevant * grpo_mask).sum(),
+        batch.is_regularizer.sum().to(mask.dtype),
     ]).double().cpu()
     fork = alg.forking_split(entropy, grpo_mask, ea.forking_share, max_entropy=math.log(vocab_size))
     prof = alg.position_profile(entropy, grpo_mask, ea.position_bucket, ea.position_buckets)
@@ -62,6 +63,7 @@ def entropy_stats(
         "entropy_sampled_batch": sums[5] / max(sums[6], 1.0),
         "grpo_tokens": sums[1],
         "reg_tokens": sums[3],
+        "reg_selected": int(sums[8]),  # regularizer rows trained on (the controller logs it beside its plan)
         "token_entropy": token_entropy,
         "entropy_irrelevant_share": sums[7] / sums[0] if has_irrelevant and sums[0] > 0 else None,
         "entropy_forking_share": kinds["forking_entropy_share"],

@@ -22,7 +22,7 @@ from controller.client import ControllerClient, publish_entropy
 from services import algorithm as alg
 from services.config import AlgorithmConfig, LearnerConfig
 from services.backends.network import free_port
-from services.learner.batch import TrainBatch, length_order, micro_batches, prompt_order
+from services.learner.batch import TrainBatch, length_order, micro_batches
 from services.learner.fsdp import (build_fsdp_model, has_dropout, hold_full_params, load_sharded, make_adamw, optimizer_step,
                                    reshard, save_sharded, sync_on_last, token_ids)
 from services.learner.gather import gather_full_state
@@ -139,9 +139,9 @@ class LearnerWorker:
         M = self.cfg.mini_batches
         if len(batch) % M:
             raise ValueError(f"shard of {len(batch)} rows does not split into {M} mini-batches; use shard_batch")
-        if self._share_prefix:  # rows of one prompt side by side (within each mini-batch), to share it
-            batch = batch.select(prompt_order(batch, M))
-        elif self.cfg.sort_by_length:
+        # rows of one prompt already sit side by side (`shard_for_ranks`); without sharing them,
+        # rows of like length share a micro-batch instead, to pad less
+        if not self._share_prefix and self.cfg.sort_by_length:
             batch = batch.select(length_order(batch.attention_mask.sum(1), M))
         stats: dict[str, Any] = {}
 

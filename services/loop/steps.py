@@ -11,42 +11,39 @@ import torch
 
 from services import algorithm as A
 from services.config import AEPOConfig, TrainConfig
-from services.contracts import RewardBackend, Rollout
+from services.contracts import RewardBackend, Sample
+from services.learner.batch import TrainBatch
 
 
-def verify(reward: RewardBackend, samples: list[Rollout], step: int, kind: str) -> dict[str, int]:
+def verify(reward: RewardBackend, samples: list[Sample], step: int, kind: str) -> dict[str, int]:
     """Step 4 for one batch: fill reward/outcome in place; returns counts of timeout/error outcomes."""
+    from reward_server.schemas import VerifyItem
+
     if not samples:
         return {}
-    items = [
-        {"id": f"{step}-{kind}-{i}", "task": s.prompt.task, "response": s.text, "reference": s.prompt.reference}
-        for i, s in enumerate(samples)
-    ]
+    items = [VerifyItem(id=f"{step}-{kind}-{i}", task=s.prompt.task, response=s.text, reference=s.prompt.reference)
+             for i, s in enumerate(samples)]
     results = reward.verify(items)
     if len(results) != len(samples):
         raise RuntimeError(f"reward server answered {len(results)} results for {len(samples)} items")
     failures = {"timeout": 0, "error": 0}
     for s, r in zip(samples, results):
-        s.reward, s.outcome = float(r["reward"]), r["outcome"]
+        s.reward, s.outcome = float(r.reward), r.outcome
         if s.outcome in failures:  # scored 0, counted, never fatal
             failures[s.outcome] += 1
     return failures
 
 
-def update_batch(rows: list[Rollout], advantages: list[float], is_reg: list[bool]) -> dict:
-    """The learner's batch: prompt/response ids per sequence plus its advantage and role (row order
-    = `rows` order; `assemble` returns the rows beside it for the driver's logs)."""
-    return {
-        "prompt_ids": [r.prompt_ids for r in rows],
-        "response_ids": [r.response_ids for r in rows],
-        "advantages": [float(a) for a in advantages],
-        "is_regularizer": [bool(x) for x in is_reg],
-    }
+def update_batch(rows: list[Sample], advantages: list[float], is_reg: list[bool], pad_id: int) -> TrainBatch:
+    """The learners' batch, one row per sample of `rows` in order (`assemble` returns the rows
+    beside it for the driver's logs)."""
+    return TrainBatch.from_sequences([r.prompt_ids for r in rows], [r.response_ids for r in rows],
+                                     [float(a) for a in advantages], [bool(x) for x in is_reg], pad_id)
 
 
 def assemble(
-    cfg: TrainConfig, grpo: list[Rollout], reg: list[Rollout], reg_m: int, reg_weight: float = 1.0
-) -> tuple[list[Rollout], dict, dict]:
+    cfg: TrainConfig, grpo: list[Sample], reg: list[Sample], reg_m: int, pad_id: int, reg_weight: float = 1.0
+) -> tuple[list[Sample], TrainBatch, dict]:
     """Step 5: advantages, regularizer selection and the update batch's layout.
 
     `reg_weight` scales the selected regularizer rows' advantages (the controller's plan: 1 for
@@ -56,7 +53,8 @@ def assemble(
     adv = A.group_advantages(torch.tensor([s.reward for s in grpo], dtype=torch.float64), G)
     info: dict[str, Any] = {}
     if not isinstance(alg, AEPOConfig) or not reg:
-        return grpo, update_batch(grpo, adv.tolist(), [False] * len(grpo)), {"reg_selected": 0 if isinstance(alg, AEPOConfig) else None}
+        batch = update_batch(grpo, adv.tolist(), [False] * len(grpo), pad_id)
+        return grpo, batch, {"reg_selected": 0 if isinstance(alg, AEPOConfig) else None}
     reg_rewards = torch.tensor([s.reward for s in reg], dtype=torch.float64)
     reg_adv = A.group_advantages(reg_rewards, G)
     signed = A.is_signed_regularizer(alg)
@@ -68,10 +66,10 @@ def assemble(
     info["reg_selected"] = int(idx.numel())
     info["reg_positives_available"] = int(A.regularizer_candidates(reg_rewards, reg_adv, alg.adv_threshold, signed).sum())
     info["reg_share_of_batch"] = idx.numel() / max(1, len(rows))
-    return rows, update_batch(rows, advs, flags), info
+    return rows, update_batch(rows, advs, flags, pad_id), info
 
 
-def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Rollout], reg: list[Rollout],
+def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Sample], reg: list[Sample],
              plan: dict, sel: dict, stats: dict, failures: dict, timings: dict) -> dict:
     """One line of metrics.jsonl (before eval and timings): every name is the metric's field name."""
     reward_grpo, acc_grpo = batch_stats(grpo)
@@ -96,7 +94,7 @@ def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Rollou
     }
 
 
-def batch_stats(samples: list[Rollout]) -> tuple[float | None, float | None]:
+def batch_stats(samples: list[Sample]) -> tuple[float | None, float | None]:
     """(mean reward, accuracy) of a batch; accuracy counts outcome 'correct'."""
     if not samples:
         return None, None

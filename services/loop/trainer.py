@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.config import AEPOConfig, TrainConfig
-from services.contracts import Components, Rollout
+from services.contracts import Components, Sample
 from services.data.datasets import PromptItem, PromptStream
+from services.learner.batch import TrainBatch
 from services.loop import checkpoint, evaluation
 from services.loop.outputs import MetricsLog, plot_entropy, summarize, write_json
 from services.loop.steps import assemble, step_row, step_seed, verify
@@ -70,7 +71,7 @@ class Trainer:
             out.append((it, ids))
         return out
 
-    def decode(self, samples: list[Rollout]) -> None:
+    def decode(self, samples: list[Sample]) -> None:
         for s in samples:
             s.text = self.parts.tokenizer.decode(s.response_ids)
 
@@ -96,12 +97,11 @@ class Trainer:
         timings["reward"] = time.monotonic() - t
 
         t = time.monotonic()  # 5
-        rows, batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)), float(plan.get("weight", 1.0)))
-        if plan:
-            parts.controller.record_selection(step, sel["reg_selected"])
+        rows, batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)), parts.tokenizer.pad_id,
+                                    float(plan.get("weight", 1.0)))
         timings["controller"] = time.monotonic() - t
 
-        t = time.monotonic()  # 6 + 7: the learners publish the step's entropy to the controller
+        t = time.monotonic()  # 6 + 7: the learners publish the step's entropy (and rows kept) to the controller
         stats = parts.learner.update(batch, step)
         timings["learner"] = time.monotonic() - t
         self._log_samples(step, grpo, rows, batch)  # after the update: a crashed step leaves no trace
@@ -138,14 +138,14 @@ class Trainer:
         last = self.step == self.cfg.trainer.steps
         return last or (every > 0 and self.step % every == 0)
 
-    def _log_samples(self, step: int, grpo: list[Rollout], rows: list[Rollout], batch: dict) -> None:
+    def _log_samples(self, step: int, grpo: list[Sample], rows: list[Sample], batch: TrainBatch) -> None:
         """samples.jsonl: the first few GRPO samples and every regularizer sample trained on."""
         n = self.cfg.trainer.log_samples
         if n == 0:
             return
-        reg_rows = [i for i, flag in enumerate(batch["is_regularizer"]) if flag]
+        reg_rows = batch.is_regularizer.nonzero().flatten().tolist()
         picked = [("grpo", s, None) for s in grpo[:n]]
-        picked += [("regularizer", rows[i], batch["advantages"][i]) for i in reg_rows]
+        picked += [("regularizer", rows[i], float(batch.advantages[i])) for i in reg_rows]
         for kind, s, adv in picked:
             self.sample_log.append({
                 "step": step, "kind": kind, "prompt_id": s.prompt.id, "prompt": s.prompt.prompt, "response": s.text,

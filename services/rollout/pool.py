@@ -6,7 +6,8 @@ import time
 from typing import Sequence
 
 from services.config import RolloutConfig
-from services.rollout.service import RolloutResult, RolloutService, Sample, SamplingRequest
+from services.contracts import Sample
+from services.rollout.service import RolloutResult, RolloutService, SamplingRequest
 
 
 def rollout_resources(cfg: RolloutConfig) -> dict[str, float]:

@@ -14,27 +14,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from services.config import RolloutConfig
+from services.contracts import Sample
 from services.rollout.engines import EngineRequest, make_engine
 
-PromptId = Hashable  # the driver's prompt item or any id; carried through to the samples
+PromptId = Any  # the driver's PromptItem, or any value: carried through to the samples' `prompt`
 # vLLM rejects temperatures above 2; fail before the engine does, naming the setting.
 VLLM_MAX_TEMPERATURE = 2.0
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One response. `response_ids` ends with eos when finish_reason is 'stop'."""
-
-    prompt_id: PromptId
-    prompt_ids: list[int]
-    response_ids: list[int]
-    finish_reason: str  # "stop" | "length"
-    temperature: float
-    policy_version: int
-    engine: str
 
 
 @dataclass(frozen=True)

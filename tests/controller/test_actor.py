@@ -72,7 +72,7 @@ def test_the_decision_log_keeps_a_bounded_tail_with_selections():
     core = ControllerCore(AEPO, ControllerConfig(), "run", log_tail=3)
     for s in range(5):
         core.plan(s)
-        core.record_selection(s, 10 + s)
+        core.publish(s, {"exact": 0.3}, selected=10 + s)
     log = core.state()["log"]
     assert [e["step"] for e in log] == [2, 3, 4] and log[-1]["selected"] == 14
 

@@ -152,11 +152,14 @@ def test_a_checkpoint_restores_model_and_optimizer(group, tmp_path):
     assert max_abs_diff(group.get_full_state_dict(), after_a) < 1e-6
 
 
-def test_the_driver_dict_batch_is_accepted(group):
-    batch = {"prompt_ids": [[1, 5, 6], [1, 7]], "response_ids": [[8, 2], [9, 9, 2]],
-             "advantages": [0.5, -0.5], "is_regularizer": [False, False]}
-    stats = group.update(batch)
-    assert stats["grpo_tokens"] == 5 and stats["reg_tokens"] == 0
+def test_the_driver_batch_of_samples_is_accepted(group):
+    from services.contracts import Sample
+    from services.loop.steps import update_batch
+
+    rows = [Sample("p0", [1, 5, 6], [8, 2], "stop", 1.0, 0, "hf"), Sample("p1", [1, 7], [9, 9, 2], "stop", 1.0, 0, "hf"),
+            Sample("p1", [1, 7], [9, 2], "stop", 1.2, 0, "hf")]
+    stats = group.update(update_batch(rows, [0.5, -0.5, 1.0], [False, False, True], pad_id=0))
+    assert stats["grpo_tokens"] == 5 and stats["reg_tokens"] == 2 and stats["reg_selected"] == 1
 
 
 @pytest.mark.parametrize(
@@ -296,6 +299,8 @@ def test_length_order_sorts_inside_each_mini_batch_only():
     assert length_order(lengths, 1).tolist() == [5, 7, 1, 3, 6, 0, 4, 2]
     # two mini-batches: rows 0-3 and 4-7 keep to their halves
     assert length_order(lengths, 2).tolist() == [1, 3, 0, 2, 5, 7, 6, 4]
+    # 7 rows in 2 mini-batches: rows 0-3 and 4-6, as shard_batch cuts them; no row is dropped
+    assert length_order(lengths[:7], 2).tolist() == [1, 3, 0, 2, 5, 6, 4]
 
 
 def test_sorting_rows_by_length_leaves_the_update_unchanged(tiny_model_path):
@@ -377,6 +382,8 @@ def test_prompt_order_groups_rows_by_prompt_inside_each_mini_batch():
     assert prompt_order(swapped, 2).tolist() == [0, 2, 1, 3, 4, 5]  # halves [1 0 1] [0 0 0]
     mixed = batch.select(torch.tensor([0, 1, 2, 4, 3, 5]))  # 0 0 0 | 1 0 1: only the second half moves
     assert prompt_order(mixed, 2).tolist() == [0, 1, 2, 4, 3, 5]
+    # 5 rows in 2 mini-batches ([1 0 1] [0 0]): a permutation of every row, never a truncation
+    assert prompt_order(swapped.select(slice(0, 5)), 2).tolist() == [0, 2, 1, 3, 4]
 
 
 def test_the_shared_prefix_update_equals_the_plain_one(tiny_model_path):

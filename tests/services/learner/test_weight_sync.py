@@ -45,8 +45,8 @@ def test_split_gives_near_equal_contiguous_chunks_in_order():
 
 def test_the_pool_keeps_request_and_prompt_order_across_actors(pool, prompts):
     result = pool.generate_many([SamplingRequest(prompts, 2, 1.0), SamplingRequest(prompts[:1], 3, 0.7)], seed=0)
-    assert [s.prompt_id for s in result.samples[0]] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert [s.prompt_id for s in result.samples[1]] == [0, 0, 0]
+    assert [s.prompt for s in result.samples[0]] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert [s.prompt for s in result.samples[1]] == [0, 0, 0]
     assert {s.temperature for s in result.samples[1]} == {0.7}
     assert result.stats["gen_tokens"] == sum(len(s.response_ids) for g in result.samples for s in g)
 

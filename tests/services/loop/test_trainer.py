@@ -5,15 +5,19 @@ import random
 
 import pytest
 
-from controller.client import LocalControllerClient
+from controller.client import LocalControllerClient, publish_entropy
 from controller.actor import ControllerCore, MemoryStore
 from services.config import TrainConfig
 from services.data.datasets import PromptItem
-from services.contracts import Components, Rollout
+from reward_server.schemas import VerifyResult
+from services.contracts import Components, Sample
 from services.loop.trainer import Trainer
+from testlib import prompts_of, responses_of
 
 
 class CharTokenizer:
+    pad_id = 0
+
     def encode(self, text):
         return [ord(c) for c in text]
 
@@ -43,7 +47,7 @@ class FakeRollout:
         for item, ids in prompts:
             for _ in range(n):
                 text = "good" if rng.random() < 0.5 else "bad"
-                out.append(Rollout(item, ids, [ord(c) for c in text], "stop", temperature, self.version, "fake"))
+                out.append(Sample(item, ids, [ord(c) for c in text], "stop", temperature, self.version, "fake"))
         return out
 
     def generate_step(self, step, prompts, reg_prompts, n, seed):
@@ -70,10 +74,11 @@ class FakeReward:
         out = []
         for i, it in enumerate(items):
             if self.fail_every and i % self.fail_every == 0:
-                out.append({"id": it["id"], "reward": 0, "outcome": "timeout", "detail": "deadline"})
+                out.append(VerifyResult(id=it.id, reward=0, outcome="timeout", detail="deadline", elapsed_s=0.0))
             else:
-                ok = it["response"] == "good"
-                out.append({"id": it["id"], "reward": int(ok), "outcome": "correct" if ok else "incorrect", "detail": ""})
+                ok = it.response == "good"
+                out.append(VerifyResult(id=it.id, reward=int(ok), outcome="correct" if ok else "incorrect", detail="",
+                                        elapsed_s=0.0))
         return out
 
 
@@ -89,10 +94,12 @@ class FakeLearner:
             raise RuntimeError("learner died")
         self.batches.append((step, batch))
         h = self.entropies[step % len(self.entropies)]
-        self.controller.observe(step, h, "exact")
+        stats = {"entropy": h, "entropy_sampled": h + 0.01, "entropy_sampled_batch": h + 0.02,
+                 "entropy_regularizer": float("nan"), "reg_selected": int(batch.is_regularizer.sum()), "pg_loss": 0.0,
+                 "tokens_per_s": 100.0}
+        publish_entropy(self.controller, step, stats)
         self.version += 1
-        return {"entropy": h, "entropy_sampled": h + 0.01, "entropy_regularizer": float("nan"), "pg_loss": 0.0,
-                "tokens_per_s": 100.0}
+        return stats
 
     def full_weights(self):
         return {"version": self.version}
@@ -138,13 +145,16 @@ def test_an_aepo_step_trains_on_correct_regularizer_positives_that_replace_grpo_
     trainer, parts = build(tmp_path, cfg)
     row = trainer.train_step()
     step, batch = parts.learner.batches[0]
-    n_reg = sum(batch["is_regularizer"])
+    n_reg = int(batch.is_regularizer.sum())
     assert n_reg == row["reg_selected"] <= 6  # m_up = 6 on the first step (nothing observed yet: up)
-    assert len(batch["is_regularizer"]) == 4 * 4  # replace: the batch keeps B x G rows
-    for resp, adv, flag in zip(batch["response_ids"], batch["advantages"], batch["is_regularizer"]):
+    assert len(batch) == 4 * 4  # replace: the batch keeps B x G rows
+    for resp, adv, flag in zip(responses_of(batch), batch.advantages.tolist(), batch.is_regularizer.tolist()):
         if flag:
             assert "".join(map(chr, resp)) == "good" and adv == 1.0
     assert row["reg_temperature"] == 1.2 and row["reg_direction"] == "up"
+    # the learners told the controller how many rows they train on; the driver never reports back
+    state = parts.controller.state()
+    assert state["selected"] == {"step": 0, "n": n_reg} and state["log"][-1]["selected"] == n_reg
     logged = [json.loads(l) for l in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     reg_logged = [r for r in logged if r["kind"] == "regularizer"]
     assert len(reg_logged) == n_reg and len(logged) == n_reg + 4
@@ -166,7 +176,7 @@ def test_grpo_draws_no_regularizer_batch(tmp_path):
     trainer, parts = build(tmp_path, cfg)
     row = trainer.train_step()
     assert not any(c[0] == "plan" for c in parts.rollout.calls)
-    assert not any(parts.learner.batches[0][1]["is_regularizer"])
+    assert not parts.learner.batches[0][1].is_regularizer.any()
     assert row["reg_temperature"] is None and row["entropy_target"] is None
 
 
@@ -197,12 +207,12 @@ def test_a_killed_run_resumes_at_the_checkpoint_with_controller_state_and_data_p
     first, parts = build(tmp_path, cfg, entropies=(0.5, 0.2, 0.5, 0.2, 0.5), crash_at=3)
     with pytest.raises(RuntimeError, match="learner died"):
         first.fit()
-    prompts_seen = {s: b["prompt_ids"] for s, b in parts.learner.batches}
+    prompts_seen = {s: prompts_of(b) for s, b in parts.learner.batches}
     # a fresh process: new components, new (in-memory) controller, same output dir
     second, parts2 = build(tmp_path, cfg, entropies=(0.5, 0.2, 0.5, 0.2, 0.5))
     second.fit(resume=True)
     assert parts2.learner.batches[0][0] == 2  # restarted at the checkpoint after 2 steps
-    assert parts2.learner.batches[0][1]["prompt_ids"][-1] == prompts_seen[2][-1]  # same data position
+    assert prompts_of(parts2.learner.batches[0][1])[-1] == prompts_seen[2][-1]  # same data position
     # the restored controller had seen H=0.2 at step 1 -> step 2 plans up, as before the crash
     assert parts2.rollout.calls[0] == ("generate", parts2.rollout.calls[0][1], 1.0)
     assert [c for c in parts2.rollout.calls if c[0] == "plan"][0] == ("plan", 2, 1.2)

@@ -43,10 +43,10 @@ def test_temperature_zero_is_argmax_whatever_the_other_rows_do():
 
 def test_samples_carry_their_prompt_temperature_version_and_engine(service, prompts, tokenizer):
     samples = service.generate(prompts, n=3, temperature=1.0, seed=1)
-    assert [s.prompt_id for s in samples] == [pid for pid, _ in prompts for _ in range(3)]
+    assert [s.prompt for s in samples] == [pid for pid, _ in prompts for _ in range(3)]
     for s in samples:
         assert (s.temperature, s.policy_version, s.engine) == (1.0, 0, "hf")
-        assert s.prompt_ids == dict(prompts)[s.prompt_id]
+        assert s.prompt_ids == dict(prompts)[s.prompt]
         if s.finish_reason == "stop":  # eos is kept, once, at the end
             assert s.response_ids[-1] == tokenizer.eos_token_id and tokenizer.eos_token_id not in s.response_ids[:-1]
         else:
