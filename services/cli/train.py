@@ -1,6 +1,7 @@
 """`aepo train` and `python -m services.cli.train` (the `ray job submit` entrypoint).
 
-    aepo train --config deploy/configs/cpu_default.yaml [--output-dir DIR] [--resume] [--compare grpo]
+    aepo train --config deploy/configs/cpu_default.yaml [--output-dir DIR] [--resume] [--compare grpo] \
+        [key.path=value ...]      e.g. trainer.steps=20 algorithm.target.value=0.3 rollout.engine=vllm-cpu
 
 Parse the config, build the model (the embedded tiny model is warm-started once and cached),
 start the system, train, write the outputs, close. `--compare grpo` runs the same config with
@@ -19,6 +20,11 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="run config (YAML), e.g. deploy/configs/cpu_default.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key.path=value",
+        help="config overrides, applied in order and validated like the file: trainer.steps=20 "
+        "algorithm.target.value=0.3 rollout.engine=vllm-cpu (values are YAML: numbers, true/false, null, [..], {..})",
+    )
     p.add_argument("--output-dir", help="overrides trainer.output_dir")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
     p.add_argument("--compare", choices=["grpo"], help="also run this baseline on the same budget and plot both")
@@ -41,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from services.config import load_config
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, getattr(args, "overrides", None) or ())
     trainer_over = {}
     if args.output_dir:
         trainer_over["output_dir"] = args.output_dir

@@ -115,10 +115,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise ValueError(f"{path}: {exc}") from None
 
 
-# Settings that change how fast a run goes, not what it computes (each has a test that the update
-# or the samples are the same either way): left out of the digest, so that adding or flipping one
-# does not orphan finished runs.
-SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params")}
+# Settings that change how fast a run goes, or what it writes beside its results, not what it
+# computes (each speed switch has a test that the update or the samples are the same either way):
+# left out of the digest, so that adding or flipping one does not orphan finished runs.
+SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params"),
+              "trainer": ("export_policy",)}
 # Settings that do change what a run computes, added after runs were made: at the value that
 # reproduces the earlier behaviour they are left out of the digest too (so those runs keep their
 # names); at any other value they name a different run.

@@ -168,6 +168,19 @@ class Trainer:
         """Continue from the latest complete checkpoint; False when there is none."""
         return checkpoint.resume(self)
 
+    def export_policy(self) -> dict:
+        """The current policy as a loadable checkpoint in `output_dir/policy` (services/model/export.py);
+        returns where it went and how long it took, for the summary."""
+        if not self.cfg.trainer.export_policy or self.parts.model_path is None:
+            return {}
+        from services.model.export import export_policy
+
+        t = time.monotonic()
+        path = export_policy(self.parts.model_path, self.parts.learner.state_dict(), self.output_dir / "policy",
+                             info={"run_name": self.cfg.run_name, "step": self.step, "policy_version": self.policy_version,
+                                   "algorithm": self.cfg.algorithm.type})
+        return {"policy_dir": str(path), "export_seconds": round(time.monotonic() - t, 2)}
+
     # ------------------------------------------------------------------ the loop
     def fit(self, resume: bool = False) -> dict:
         """Evaluate the start, run the remaining steps, write summary.json and entropy.png; returns the summary."""
@@ -189,7 +202,7 @@ class Trainer:
         rows = self.log.rows()
         evals = self.eval_log.rows()
         extra = {"run_name": self.cfg.run_name, "output_dir": str(self.output_dir), "resumed": resumed,
-                 "learner_compute": getattr(self.parts.learner, "compute", None)}
+                 "learner_compute": getattr(self.parts.learner, "compute", None), **self.export_policy()}
         if evals:
             extra["eval_before"] = before or evals[0]
             extra["eval_after"] = evals[-1]

@@ -1,6 +1,6 @@
 """The rollout service: one engine behind one actor (the pool of them: services/rollout/pool.py).
 
-`RolloutService` is a plain class (so tests and the .venv-vllm environment use it without Ray);
+`RolloutService` is a plain class (so tests and scripts use it without Ray);
 `RolloutPool` runs `num_actors` of them as Ray actors and fans calls out. One call may mix
 temperatures: the GRPO batch at T=1 and the AEPO regularizer batch at T_reg are two
 `SamplingRequest`s of one `generate_many`, which the engine serves in one batch.

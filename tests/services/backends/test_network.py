@@ -50,9 +50,12 @@ def test_local_ray_env_defaults_and_what_the_user_set():
     assert "127.0.0.1" in env["no_proxy"] and "localhost" in env["NO_PROXY"]
     if sys.platform.startswith("linux"):
         assert env["GLOO_SOCKET_IFNAME"] == "lo"
+    # vLLM engines in the cluster: no usage report, no UDP probe of 8.8.8.8 to find an address
+    assert env["VLLM_NO_USAGE_STATS"] == env["DO_NOT_TRACK"] == "1" and env["VLLM_HOST_IP"] == "127.0.0.1"
     user = network.local_ray_env({"RAY_USAGE_STATS_ENABLED": "1", "https_proxy": "http://proxy.corp:3128",
-                                   "GLOO_SOCKET_IFNAME": "eth1", "RAY_AUTH_MODE": "token"})
+                                   "GLOO_SOCKET_IFNAME": "eth1", "RAY_AUTH_MODE": "token", "VLLM_HOST_IP": "10.1.2.3"})
     assert user["RAY_USAGE_STATS_ENABLED"] == "1" and user["RAY_AUTH_MODE"] == "token"
+    assert user["VLLM_HOST_IP"] == "10.1.2.3"
     assert not any(k in user for k in network.PROXY_VARS) and "GLOO_SOCKET_IFNAME" not in user
 
 
