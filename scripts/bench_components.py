@@ -244,7 +244,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=12)
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    from services.config import load_config
+    from services.cli.config_file import load_config
     from services.cli.train import prepare_model
 
     cfg = load_config(ROOT / args.config)

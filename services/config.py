@@ -1,19 +1,15 @@
 """Run configuration: pydantic v2 models with bounds and a description per field.
 
 Variants are tagged unions (`algorithm: {type: aepo, ...}`), never string switches; cross-field
-checks live in model validators. `load_config(path)` reads a YAML file; every YAML under
-`deploy/` is parsed by a test.
+checks live in model validators. `services.cli.config_file.load_config(path, overrides)` reads a
+YAML file; every YAML under `deploy/` is parsed by a test.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
-from typing import Annotated, Literal, Sequence, Union
+from typing import Annotated, Literal, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from controller.rule import BangBangRule, ConstantTarget, ControllerRule, TargetSchedule
 
@@ -161,14 +157,43 @@ class TinyModelConfig(_Strict):
         return self
 
 
+class SmallLLMConfig(_Strict):
+    """The project-made small LLM (services/model/small_llm.py): byte-level BPE, chat template, Qwen2 shape."""
+
+    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary (bytes and specials included).")
+    corpus_problems: int = Field(4000, ge=10, description="Word problems (question + solution) the tokenizer is trained on.")
+    corpus_seed: int = Field(12345, description="Seed of that corpus (not the task's train/eval split).")
+    hidden_size: int = Field(128, ge=8, description="Model width.")
+    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads; hidden_size / num_heads >= 32 for vLLM.")
+    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention, as Qwen2.5).")
+    intermediate_size: int = Field(512, ge=8, description="MLP width.")
+    max_position_embeddings: int = Field(512, ge=16, description="Longest prompt + response in tokens.")
+
+    @model_validator(mode="after")
+    def _heads(self) -> "SmallLLMConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size}, num_heads {self.num_heads}, num_kv_heads "
+                             f"{self.num_kv_heads}: heads must divide the width and kv heads the heads")
+        return self
+
+
 class ModelConfig(_Strict):
     """Which model: a checkpoint directory (`path`) or the project-made tiny model."""
 
     path: str | None = Field(
         None, description="Local path or hub name of an HF causal LM; None builds the embedded tiny model."
     )
+    builtin: Literal["tiny", "small_llm"] = Field(
+        "tiny", description="Without `path`: the character-level tiny model (the Countdown toy) or the small LLM "
+        "(byte-level BPE, chat template; the word-problem math task)."
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the embedded tiny model.")
-    chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template.")
+    small_llm: SmallLLMConfig = Field(default_factory=SmallLLMConfig, description="Shape of the small LLM.")
+    chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template (a user turn).")
+    system_prompt: str | None = Field(
+        None, description="With chat_template: the system turn's text; None = the template's own default (if any)."
+    )
     init_seed: int | None = Field(
         None, description="Seed of the tiny model's random init (and so of its warm start); None = trainer.seed. "
         "Fix it to compare RL seeds from one base model."
@@ -184,6 +209,16 @@ class CountdownDataConfig(_Strict):
     space_prob: float = Field(
         0.2, ge=0.0, le=1.0, description="Warm-start answers insert an optional space at each of 9 places with this probability."
     )
+    seed: int = Field(0, description="Seed of the problem generator.")
+
+
+class WordProblemDataConfig(_Strict):
+    """Synthetic grade-school word problems, solutions ending in \\boxed{N}, verified by the `math` verifier."""
+
+    type: Literal["wordproblems"] = "wordproblems"
+    num_train: int = Field(5000, ge=1, description="Training problems generated.")
+    num_eval: int = Field(200, ge=1, description="Held-out problems generated (no question shared with training).")
+    max_number: int = Field(50, ge=4, description="Largest number in a problem.")
     seed: int = Field(0, description="Seed of the problem generator.")
 
 
@@ -220,7 +255,7 @@ class FileDataConfig(_Strict):
     task: str = Field("math", description="Reward-server verifier for these items.")
 
 
-DataConfig = Annotated[Union[CountdownDataConfig, FileDataConfig], Field(discriminator="type")]
+DataConfig = Annotated[Union[CountdownDataConfig, WordProblemDataConfig, FileDataConfig], Field(discriminator="type")]
 
 
 class RolloutConfig(_Strict):
@@ -422,6 +457,17 @@ class TrainConfig(_Strict):
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
 
+    @model_validator(mode="after")
+    def _model_fits_task(self) -> "TrainConfig":
+        if self.model.path is None and self.data.type == "wordproblems":
+            if self.model.builtin != "small_llm":
+                raise ValueError("data.type wordproblems needs a model with letters in its vocabulary: set "
+                                 "model.builtin: small_llm (the tiny model's characters are digits and operators)")
+            if not self.model.chat_template:
+                raise ValueError("data.type wordproblems with the built-in small LLM: set model.chat_template: true "
+                                 "(the warm start teaches answers to chat-templated questions)")
+        return self
+
 
 def learner_config(cfg: TrainConfig) -> LearnerConfig:
     """The learner settings with the task's defaults filled in: the countdown toy's reward ignores
@@ -431,61 +477,3 @@ def learner_config(cfg: TrainConfig) -> LearnerConfig:
         tokens = [" "] if cfg.data.type == "countdown" else []
         ea = ea.model_copy(update={"irrelevant_tokens": tokens})
     return cfg.learner.model_copy(update={"entropy_analysis": ea})
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML run config, with dotted `key.path=value` overrides applied on top (the command
-    line's); raise ValueError naming the file and each bad field."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: a run config is a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(raw, overrides)
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as exc:
-        given = f" with overrides {' '.join(overrides)}" if overrides else ""
-        raise ValueError(f"{path}{given}: invalid run config:\n{exc}") from exc
-
-
-def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
-    """`a.b.c=value` pairs onto a copy of a raw config mapping, in order; each value is read as YAML
-    (`20`, `0.3`, `true`, `null`, `[1, 2]`, `{type: constant, value: 0.3}`, else a string). Missing
-    mappings on the path are created; the models then reject unknown keys and bad values."""
-    out = json.loads(json.dumps(raw))
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            raise ValueError(f"override {item!r}: expected key.path=value, e.g. trainer.steps=20")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise ValueError(f"override {item!r}: the value is not valid YAML: {exc}") from exc
-        node = out
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ValueError(f"override {item!r}: {'.'.join(parts[: i + 1])} is {child!r}, not a mapping")
-            node = child
-        node[parts[-1]] = value
-    return out
-
-
-def check_config_main(args: argparse.Namespace) -> int:
-    rc = 0
-    for p in args.paths:
-        try:
-            cfg = load_config(p)
-        except (OSError, ValueError) as exc:
-            print(exc)
-            rc = 1
-            continue
-        print(f"# {p}: ok")
-        print(json.dumps(cfg.model_dump(mode="json"), indent=2))
-    return rc

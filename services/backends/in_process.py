@@ -112,7 +112,7 @@ class LocalSystem(PolicySystem):
         self.rollout = RolloutService(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
         torch.set_num_threads(self.threads)  # after both: each sets its own thread count
         tok = load_tokenizer(self.model_path)
-        self.tokenizer = TokenizerAdapter(tok, cfg.model.chat_template)
+        self.tokenizer = TokenizerAdapter(tok, cfg.model.chat_template, cfg.model.system_prompt)
         self.learner = LocalLearner(self.worker, self.controller)
 
     def _rollout(self):

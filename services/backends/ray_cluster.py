@@ -127,14 +127,14 @@ class LearnerAdapter:
 class TokenizerAdapter:
     """Prompt text to ids (with the chat template when asked) and response ids to text."""
 
-    def __init__(self, tokenizer, chat_template: bool):
-        self.tok, self.chat_template = tokenizer, chat_template
+    def __init__(self, tokenizer, chat_template: bool, system_prompt: str | None = None):
+        self.tok, self.chat_template, self.system_prompt = tokenizer, chat_template, system_prompt
         self.pad_id = int(tokenizer.pad_token_id)
 
     def encode(self, text: str) -> list[int]:
         from services.model.tiny import encode_prompt
 
-        return encode_prompt(self.tok, text, self.chat_template)
+        return encode_prompt(self.tok, text, self.chat_template, self.system_prompt)
 
     def decode(self, ids: list[int]) -> str:
         from services.model.tiny import decode_response
@@ -264,7 +264,7 @@ class System(PolicySystem):
         self.controller = RayControllerClient(self.controller_handle)
         self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed)
         self.pool = RolloutPool(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
-        self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template)
+        self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template, cfg.model.system_prompt)
 
     def sibling(self, cfg: TrainConfig) -> "System":
         """A second run's policy side (learners, rollout, controller) in this cluster, sharing this

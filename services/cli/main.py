@@ -50,6 +50,12 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    from services.cli.evaluate import add_arguments  # stdlib-only at import: keeps --help instant
+
+    add_arguments(p)
+
+
 def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="experiment spec (YAML), e.g. deploy/experiments/toy_claims.yaml")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already there")
@@ -66,6 +72,12 @@ COMMANDS: list[Command] = [
         _train_args,
     ),
     Command(
+        "eval",
+        "avg@n and unbiased pass@k of a checkpoint (e.g. a run's policy/) on a benchmark file, verified by the reward server",
+        "services.cli.evaluate:main",
+        _eval_args,
+    ),
+    Command(
         "experiment",
         "run a grid of short runs (algorithms x targets x seeds) on the toy and write a report folder",
         "services.experiments.runner:main",
@@ -80,7 +92,7 @@ COMMANDS: list[Command] = [
     Command(
         "check-config",
         "validate run configs (YAML) against the schema and print the resolved config",
-        "services.config:check_config_main",
+        "services.cli.config_file:check_config_main",
         _check_config_args,
     ),
     Command(

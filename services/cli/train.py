@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from services.config import load_config
+    from services.cli.config_file import load_config
 
     cfg = load_config(args.config, getattr(args, "overrides", None) or ())
     trainer_over = {}
@@ -155,19 +155,20 @@ def cluster_fits(cpus: int) -> bool:
 
 
 def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
-    """The path the engines and learners load; warm-starts the tiny model on the toy (cached)."""
-    from services.config import CountdownDataConfig
+    """The path the engines and learners load; warm-starts a built-in model on its task (cached):
+    the tiny model on the Countdown toy, the small LLM on the word problems."""
     from services.model.tiny import default_cache_dir, resolve_model_path
 
     path = resolve_model_path(cfg.model, seed=cfg.trainer.seed if cfg.model.init_seed is None else cfg.model.init_seed)
-    if cfg.model.path is not None or not isinstance(cfg.data, CountdownDataConfig) or cfg.warm_start.steps == 0:
+    if cfg.model.path is not None or cfg.data.type not in ("countdown", "wordproblems") or cfg.warm_start.steps == 0:
         return path, {}
     from services.model.warmstart import warm_start
 
     t0 = time.monotonic()
-    print(f"warm start: {cfg.warm_start.steps} SFT steps on the Countdown toy with Ray Train "
+    task = "the Countdown toy" if cfg.data.type == "countdown" else "the word problems' worked solutions"
+    print(f"warm start: {cfg.warm_start.steps} SFT steps on {task} with Ray Train "
           f"({cfg.warm_start.num_workers} workers); cached after the first run", flush=True)
-    warm = warm_start(path, default_cache_dir(), cfg.data, cfg.warm_start)
+    warm = warm_start(path, default_cache_dir(), cfg.data, cfg.warm_start, system_prompt=cfg.model.system_prompt)
     info = json.loads((warm / "aepo_warmstart.json").read_text())
     info["wall_seconds_this_run"] = round(time.monotonic() - t0, 1)
     print(f"warm start: {warm} (loss {info.get('final_loss')}, {info['wall_seconds_this_run']} s this run)", flush=True)

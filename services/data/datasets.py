@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.config import CountdownDataConfig, DataConfig, FileDataConfig
+from services.config import CountdownDataConfig, DataConfig, FileDataConfig, WordProblemDataConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,18 @@ def countdown_items(cfg: CountdownDataConfig) -> tuple[list[PromptItem], list[Pr
 
     def items(problems, split):
         return [PromptItem(f"{split}-{i}", p.prompt, p.reference, "countdown") for i, p in enumerate(problems)]
+
+    return items(train, "train"), items(held_out, "eval")
+
+
+def wordproblem_items(cfg: WordProblemDataConfig) -> tuple[list[PromptItem], list[PromptItem]]:
+    """The word problems as math items: the question, the answer as text (as MATH and GSM8K store it)."""
+    from services.data.wordproblems import make_splits
+
+    train, held_out = make_splits(cfg.num_train, cfg.num_eval, cfg.seed, cfg.max_number)
+
+    def items(problems, split):
+        return [PromptItem(f"{split}-{i}", p.question, str(p.answer), "math") for i, p in enumerate(problems)]
 
     return items(train, "train"), items(held_out, "eval")
 
@@ -168,6 +180,8 @@ def load_items(cfg: DataConfig) -> tuple[list[PromptItem], list[PromptItem]]:
     """(train, held-out) prompt items for a data config."""
     if isinstance(cfg, CountdownDataConfig):
         return countdown_items(cfg)
+    if isinstance(cfg, WordProblemDataConfig):
+        return wordproblem_items(cfg)
     train = file_items(cfg.train_path, cfg, "train")
     held_out = file_items(cfg.eval_path, cfg, "eval") if cfg.eval_path else []
     return train, held_out

@@ -32,6 +32,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from services.config import SmallLLMConfig
+
 SECTIONS = ("table1", "control", "sweep", "controller", "ablation", "base")
 
 
@@ -123,7 +125,10 @@ SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "sh
 # Settings that do change what a run computes, added after runs were made: at the value that
 # reproduces the earlier behaviour they are left out of the digest too (so those runs keep their
 # names); at any other value they name a different run.
-LEGACY_DEFAULTS = {"learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"}}
+LEGACY_DEFAULTS = {
+    "learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"},
+    "model": {"builtin": "tiny", "system_prompt": None, "small_llm": SmallLLMConfig().model_dump(mode="json")},
+}
 
 
 def config_digest(cfg: dict) -> str:
@@ -141,7 +146,8 @@ def config_digest(cfg: dict) -> str:
 
 def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: int, root: Path) -> Job:
     """The run config of one (group, target, seed), validated; its digest names its directory."""
-    from services.config import TrainConfig, load_config
+    from services.cli.config_file import load_config
+    from services.config import TrainConfig
 
     base = _merge(load_config(spec.base_config).model_dump(mode="json"), spec.overrides)
     algo = dict(group.algorithm) or dict(base["algorithm"])

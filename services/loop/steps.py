@@ -87,6 +87,7 @@ def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Sample
         "reward_mean": reward_grpo, "reward_mean_grpo": reward_grpo, "accuracy_grpo": acc_grpo,
         "reward_mean_regularizer": reward_reg, "accuracy_regularizer": acc_reg, "reward_failures": failures,
         "response_length_mean": gen_tokens / max(1, len(grpo) + len(reg)),
+        "truncation_rate": sum(s.finish_reason == "length" for s in grpo + reg) / max(1, len(grpo) + len(reg)),
         "rollout_tokens_per_s": gen_tokens / max(timings["rollout"], 1e-9),
         **{k: stats[k] for k in ("pg_loss", "reg_loss", "clipfrac", "approx_kl", "grad_norm") if k in stats},
         "learner_tokens_per_s": stats.get("tokens_per_s"),

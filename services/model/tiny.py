@@ -141,7 +141,8 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path | None = None, seed: int = 0) -> str:
-    """The path every engine and learner loads: `cfg.path`, or the tiny model built under `cache_dir`.
+    """The path every engine and learner loads: `cfg.path`, or the built-in model (`cfg.builtin`:
+    the tiny model, or the small LLM) built under `cache_dir`.
 
     The tiny model's directory is named by its config hash, so changing its shape never reuses
     stale files. Sets HF_HUB_OFFLINE=1 for the default (tiny) path: nothing may be downloaded.
@@ -150,6 +151,10 @@ def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path | None = None, se
         return cfg.path
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if cfg.builtin == "small_llm":
+        from services.model.small_llm import build_small_llm, small_llm_hash
+
+        return str(build_small_llm(cfg.small_llm, root / f"small-llm-{small_llm_hash(cfg.small_llm, seed)}", seed))
     return str(build_tiny_model(cfg.tiny, root / f"tiny-{tiny_config_hash(cfg.tiny, seed)}", seed))
 
 
@@ -192,11 +197,13 @@ def load_causal_lm(path: str | Path, dtype=None, device: str = "cpu", attn_imple
     return model.to(device).eval()
 
 
-def encode_prompt(tokenizer, text: str, chat_template: bool = False) -> list[int]:
-    """Token ids of one prompt, optionally wrapped in the tokenizer's chat template as a user turn."""
+def encode_prompt(tokenizer, text: str, chat_template: bool = False, system_prompt: str | None = None) -> list[int]:
+    """Token ids of one prompt, optionally wrapped in the tokenizer's chat template as a user turn
+    (after a system turn with `system_prompt`; without one, the template's default, if any)."""
     if chat_template:
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt is not None else [])
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
+            messages + [{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True
         )
         # transformers 5 may return a BatchEncoding-like mapping instead of a list
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)

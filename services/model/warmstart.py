@@ -39,9 +39,7 @@ def warmstart_hash(base_marker: str, data: dict, cfg: WarmStartSettings) -> str:
 
 
 def sft_batch(problems, tokenizer, batch_size: int, rng: random.Random, space_prob: float):
-    """(input_ids, labels, attention_mask) for `batch_size` random problems; loss on the answer only."""
-    import torch
-
+    """Countdown: (input_ids, labels, attention_mask) for `batch_size` random problems; loss on the answer only."""
     from services.data.countdown import warm_start_answer
 
     chosen, answers = [], []
@@ -49,7 +47,29 @@ def sft_batch(problems, tokenizer, batch_size: int, rng: random.Random, space_pr
         chosen.append(rng.choice(problems))
         answers.append(warm_start_answer(chosen[-1], rng, space_prob))
     # one batched call each (the fast tokenizer's batch path): a call per row cost ~5 % of a step
-    prompts = tokenizer([p.prompt for p in chosen])["input_ids"]
+    return _sft_rows(tokenizer([p.prompt for p in chosen])["input_ids"], answers, tokenizer)
+
+
+def chat_sft_batch(problems, tokenizer, batch_size: int, rng: random.Random, system_prompt: str | None,
+                   prompt_ids: dict[str, list[int]]):
+    """Word problems: the question in the chat template (a user turn after the system turn), the
+    worked solution as the assistant's answer, then eos (`<|im_end|>`); loss on the answer only.
+    `prompt_ids` caches each question's templated ids."""
+    from services.model.tiny import encode_prompt
+
+    chosen = [rng.choice(problems) for _ in range(batch_size)]
+    prompts = []
+    for p in chosen:
+        if p.question not in prompt_ids:
+            prompt_ids[p.question] = encode_prompt(tokenizer, p.question, True, system_prompt)
+        prompts.append(prompt_ids[p.question])
+    return _sft_rows(prompts, [p.solution for p in chosen], tokenizer)
+
+
+def _sft_rows(prompts: list[list[int]], answers: list[str], tokenizer):
+    """Right-padded (input_ids, labels, attention_mask): prompt, answer, eos; labels -100 but on answer + eos."""
+    import torch
+
     encoded = tokenizer(answers, add_special_tokens=False)["input_ids"]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = [prompt + answer + [eos] for prompt, answer in zip(prompts, encoded)]
@@ -102,7 +122,6 @@ def _train_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from services.data.countdown import make_splits
     from services.learner.fsdp import make_adamw
     from services.model.tiny import load_causal_lm, load_tokenizer
     from services.model.precision import autocast_layers, decoder_layers
@@ -119,13 +138,13 @@ def _train_loop(config: dict) -> None:
         autocast_layers(decoder_layers(model))
     model = ray.train.torch.prepare_model(model)
     opt = make_adamw(model.parameters(), lr=config["lr"])
-    train, _ = make_splits(config["num_train"], config["num_eval"], config["data_seed"])
+    draw = _batch_source(config, tokenizer)
     rng = random.Random(config["seed"] * 1000 + rank)
     per_worker = max(1, config["batch_size"] // world)
     t0 = time.monotonic()
     losses = []
     for step in range(config["steps"]):
-        ids, lab, att = sft_batch(train, tokenizer, per_worker, rng, config["space_prob"])
+        ids, lab, att = draw(per_worker, rng)
         opt.zero_grad(set_to_none=True)
         loss = sft_backward(model, ids, lab, att, SFT_MICRO_BATCHES)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -144,14 +163,33 @@ def _train_loop(config: dict) -> None:
         (Path(config["out_tmp"]) / "warmstart_log.json").write_text(json.dumps(log))
 
 
+def _batch_source(config: dict, tokenizer):
+    """`draw(rows, rng) -> (input_ids, labels, attention_mask)` for the task named in `config`."""
+    data = config["data"]
+    if data["type"] == "wordproblems":
+        from services.data.wordproblems import make_splits as word_splits
+
+        train, _ = word_splits(data["num_train"], data["num_eval"], data["seed"], data["max_number"])
+        cache: dict[str, list[int]] = {}
+        return lambda rows, rng: chat_sft_batch(train, tokenizer, rows, rng, config["system_prompt"], cache)
+    from services.data.countdown import make_splits
+
+    train, _ = make_splits(data["num_train"], data["num_eval"], data["seed"])
+    return lambda rows, rng: sft_batch(train, tokenizer, rows, rng, data["space_prob"])
+
+
 def warm_start(
     base_path: str | Path,
     out_root: str | Path,
     data_cfg,
     cfg: WarmStartSettings,
     progress=None,
+    system_prompt: str | None = None,
 ) -> Path:
-    """Fine-tune `base_path` on the Countdown toy with Ray Train; return the warm model's path.
+    """Fine-tune `base_path` on the task's worked answers with Ray Train; return the warm model's path.
+
+    Countdown: prompt, answer. Word problems: the question in the chat template (a system turn
+    with `system_prompt`, else the template's default), the worked solution.
 
     Reuses an earlier result with the same hash. Joins the caller's Ray cluster, or starts a local one.
     `progress(step, total, loss)` is called as reports arrive (for a progress bar).
@@ -159,10 +197,13 @@ def warm_start(
     from services.model.precision import resolve_cpu_compute
 
     base_path = Path(base_path)
-    base_marker = _read(base_path / "aepo_tiny.json") or str(base_path)
+    base_marker = _read(base_path / "aepo_tiny.json") or _read(base_path / "aepo_small_llm.json") or str(base_path)
     # "auto" is decided here, on the driver's machine (the embedded default runs on one node)
     cfg = cfg.model_copy(update={"cpu_compute": resolve_cpu_compute(cfg.cpu_compute)})
-    data = {k: getattr(data_cfg, k) for k in ("num_train", "num_eval", "space_prob", "seed")}
+    if data_cfg.type == "countdown":  # the keys cached Countdown warm starts were named by
+        data = {k: getattr(data_cfg, k) for k in ("num_train", "num_eval", "space_prob", "seed")}
+    else:
+        data = {**data_cfg.model_dump(mode="json"), "system_prompt": system_prompt}
     digest = warmstart_hash(base_marker, data, cfg)
     out_dir = Path(out_root) / f"warm-{digest}"
     if _read(out_dir / _MARKER):
@@ -196,8 +237,8 @@ def _fit(base_path: Path, tmp: Path, data: dict, cfg: WarmStartSettings) -> dict
         _train_loop,
         train_loop_config={
             "base_path": str(base_path), "out_tmp": str(tmp), "steps": cfg.steps, "batch_size": cfg.batch_size,
-            "lr": cfg.lr, "seed": cfg.seed, "num_train": data["num_train"], "num_eval": data["num_eval"],
-            "data_seed": data["seed"], "space_prob": data["space_prob"], "cpu_compute": cfg.cpu_compute,
+            "lr": cfg.lr, "seed": cfg.seed, "data": {"type": "countdown", **data}, "cpu_compute": cfg.cpu_compute,
+            "system_prompt": data.get("system_prompt"),
         },
         torch_config=ray_train_torch_config("gloo"),  # rendezvous on the node address only
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=False, resources_per_worker={"CPU": 1}),

@@ -45,12 +45,12 @@ class RolloutResult:
 
 
 def encode_prompts(
-    tokenizer, items: Iterable[tuple[PromptId, str]], chat_template: bool = False
+    tokenizer, items: Iterable[tuple[PromptId, str]], chat_template: bool = False, system_prompt: str | None = None
 ) -> list[tuple[PromptId, list[int]]]:
     """(prompt_id, text) pairs → (prompt_id, token ids), the form every engine takes."""
     from services.model.tiny import encode_prompt
 
-    return [(pid, encode_prompt(tokenizer, text, chat_template)) for pid, text in items]
+    return [(pid, encode_prompt(tokenizer, text, chat_template, system_prompt)) for pid, text in items]
 
 
 def engine_options(cfg: RolloutConfig) -> dict[str, Any]:

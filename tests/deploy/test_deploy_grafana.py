@@ -104,6 +104,7 @@ def test_dashboard_answers_the_issue_questions():
     panel_with("aepo_regularizer_selected", "aepo_regularizer_max_selected")
     panel_with("aepo_rollout_tokens_per_second", "aepo_learner_tokens_per_second")
     panel_with("aepo_weight_sync_seconds")
+    panel_with("aepo_response_length_mean", "aepo_truncation_rate")
     panel_with("aepo_phase_seconds")
     panel_with("aepo_token_entropy")
     panel_with("aepo_token_entropy_share")

@@ -6,11 +6,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from services.cli.config_file import load_config
 from services.config import (
     AEPOConfig,
     AEPOFixedTemperatureConfig,
     TrainConfig,
-    load_config,
 )
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -104,3 +104,14 @@ def test_dotted_overrides_change_the_config_and_are_validated_like_the_file():
         load_config(path, ["trainer.steps"])
     with pytest.raises(ValueError, match="trainer.steps is 150, not a mapping"):
         load_config(path, ["trainer.steps.x=1"])
+
+
+def test_word_problems_need_the_small_llm_in_its_chat_template():
+    ok = TrainConfig.model_validate({"data": {"type": "wordproblems"}, "model": {"builtin": "small_llm", "chat_template": True}})
+    assert ok.data.type == "wordproblems"
+    with pytest.raises(ValidationError, match="model.builtin: small_llm"):
+        TrainConfig.model_validate({"data": {"type": "wordproblems"}})
+    with pytest.raises(ValidationError, match="model.chat_template: true"):
+        TrainConfig.model_validate({"data": {"type": "wordproblems"}, "model": {"builtin": "small_llm"}})
+    # a checkpoint of one's own is the user's call
+    TrainConfig.model_validate({"data": {"type": "wordproblems"}, "model": {"path": "/models/x"}})

@@ -57,3 +57,14 @@ def test_a_short_aepo_run_draws_every_sample_from_vllm_with_the_current_weights(
     assert all(s["temperature"] == (1.0 if s["kind"] == "grpo" else 1.2) for s in samples)
     assert {s["outcome"] for s in grpo} <= {"correct", "incorrect", "unparsable"}  # verified over HTTP
     assert rows[-1]["rollout_tokens_per_s"] > 0 and rows[-1]["weight_sync_seconds"] > 0
+    # the run exported its policy; `aepo eval` samples it with vLLM and scores it over HTTP
+    data = tmp_path / "cd.jsonl"
+    data.write_text(json.dumps({"prompt": "9,8,3>69|", "answer": {"numbers": [9, 8, 3], "target": 69, "use_all": True}}) + "\n")
+    ev = subprocess.run(
+        [sys.executable, "-m", "services.cli", "eval", "--model", str(out / "policy"), "--data", str(data),
+         "--task", "countdown", "--engine", "vllm-cpu", "--samples", "4", "--max-tokens", "12", "--no-progress"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
+    result = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert result["engine"] == "vllm-cpu" and sum(result["outcomes"].values()) == 4

@@ -184,7 +184,8 @@ def test_the_committed_toy_claims_runs_are_all_found():
 
 
 def test_the_digest_leaves_out_speed_only_settings_and_nothing_else():
-    from services.config import TrainConfig, load_config
+    from services.cli.config_file import load_config
+    from services.config import TrainConfig
     from services.experiments.runner import SPEED_ONLY, config_digest
 
     cfg = load_config(REPO / "deploy/configs/cpu_default.yaml").model_dump(mode="json")
@@ -202,7 +203,7 @@ def test_the_digest_leaves_out_speed_only_settings_and_nothing_else():
 def test_a_new_setting_at_its_legacy_value_keeps_the_digest_and_names_a_new_run_otherwise():
     """cpu_compute came after the committed runs: float32 (what they computed in) is left out of
     the digest, exactly as if the field did not exist; bfloat16 or auto are different runs."""
-    from services.config import load_config
+    from services.cli.config_file import load_config
     from services.experiments.runner import LEGACY_DEFAULTS, config_digest
 
     cfg = load_config(REPO / "deploy/configs/cpu_default.yaml").model_dump(mode="json")
