@@ -421,6 +421,10 @@ class TrainerConfig(_Strict):
         4, ge=0, description="Per step, write this many GRPO samples and every kept regularizer sample to samples.jsonl (0 = none)."
     )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="Experiment loggers beside metrics.jsonl: tensorboard (event files in "
+        "output_dir/tensorboard), wandb (offline mode, output_dir/wandb)."
+    )
     export_policy: bool = Field(
         True, description="At the end, write the trained policy to `output_dir/policy` as a checkpoint directory "
         "(config, safetensors weights, generation config, tokenizer) that transformers and vLLM load."

@@ -121,7 +121,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 # computes (each speed switch has a test that the update or the samples are the same either way):
 # left out of the digest, so that adding or flipping one does not orphan finished runs.
 SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params"),
-              "trainer": ("export_policy",)}
+              "trainer": ("export_policy", "loggers")}
 # Settings that do change what a run computes, added after runs were made: at the value that
 # reproduces the earlier behaviour they are left out of the digest too (so those runs keep their
 # names); at any other value they name a different run.

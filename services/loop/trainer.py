@@ -31,6 +31,7 @@ from services.data.datasets import PromptItem, PromptStream
 from services.learner.batch import TrainBatch
 from services.loop import checkpoint, evaluation
 from services.loop.outputs import MetricsLog, plot_entropy, summarize, write_json
+from services.loop.tracking import make_loggers
 from services.loop.steps import assemble, step_row, step_seed, verify
 
 
@@ -60,6 +61,8 @@ class Trainer:
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
         self.eval_log = MetricsLog(self.output_dir / "eval.jsonl")
         self.sample_log = MetricsLog(self.output_dir / "samples.jsonl")
+        self.loggers = make_loggers(self.cfg.trainer.loggers, self.output_dir, self.cfg.run_name,
+                                    self.cfg.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ helpers
     def encoded(self, items: list[PromptItem]) -> list[tuple[PromptItem, list[int]]]:
@@ -130,6 +133,8 @@ class Trainer:
         row["step_overhead"] = (row["step_seconds"] - timings["eval"] - timings["checkpoint"]) / max(compute, 1e-9)
         row = _json_safe(row)  # NaN (e.g. no regularizer tokens) is not JSON: write null
         self.log.append(row)
+        for logger in self.loggers:
+            logger.log(row)
         if self.parts.metrics is not None:
             self.parts.metrics.record_step(row)
         return row
@@ -199,6 +204,8 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            for logger in self.loggers:
+                logger.close()
         rows = self.log.rows()
         evals = self.eval_log.rows()
         extra = {"run_name": self.cfg.run_name, "output_dir": str(self.output_dir), "resumed": resumed,
