@@ -52,3 +52,21 @@ def test_the_math_verifier_accepts_the_reference_solutions_and_rejects_wrong_one
         assert run_verifier(verify, p.solution, str(p.answer)).outcome == "correct"
         wrong = p.solution.replace(f"\\boxed{{{p.answer}}}", f"\\boxed{{{p.answer + 1}}}")
         assert run_verifier(verify, wrong, str(p.answer)).outcome == "incorrect"
+
+
+def test_the_written_files_read_back_through_each_preset(tmp_path):
+    """scripts/write_wordproblems.py's layouts are the presets' layouts: same questions and answers back."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from services.config import FileDataConfig
+
+    root = Path(__file__).resolve().parents[3]
+    want = load_items(WordProblemDataConfig(num_train=30, num_eval=6))[1]
+    for fmt, suffix in (("math500", "jsonl"), ("gsm8k", "parquet"), ("dapo_math", "parquet")):
+        out = tmp_path / f"{fmt}.{suffix}"
+        subprocess.run([sys.executable, "scripts/write_wordproblems.py", "--format", fmt, "--out", str(out),
+                        "--num-train", "30", "--num-eval", "6"], cwd=root, check=True, capture_output=True)
+        got, _ = load_items(FileDataConfig(train_path=str(out), preset=fmt))
+        assert [(g.prompt, g.reference) for g in got] == [(w.prompt, w.reference) for w in want], fmt
