@@ -200,9 +200,10 @@ def unconnected(s: SocketRecord) -> bool:
 
 
 def is_ray_process(name: str) -> bool:
-    """Ray's own processes and its workers, by command line."""
+    """Ray's own processes and its workers, by command line, and the vLLM engine processes a
+    rollout actor starts (they rename themselves `VLLM::EngineCore`, `VLLM::Worker`)."""
     keys = ("raylet", "gcs_server", "ray::", "ray/dashboard", "ray/_private", "ray/autoscaler",
-            "default_worker.py", "ray_client_server", "/bin/ray ")
+            "default_worker.py", "ray_client_server", "/bin/ray ", "VLLM::")
     return any(k in name for k in keys)
 
 

@@ -87,6 +87,7 @@ def test_violations_count_external_wildcard_and_metadata_only():
     bad = [rec("192.0.2.2", "192.0.2.2"), rec("0.0.0.0", "0.0.0.0", "LISTEN", process="ray::Actor", remote_port=0),
            rec("::", "::", "LISTEN", process="gcs_server", remote_port=0),
            rec("127.0.0.1", "10.1.2.3", process="ray::RuntimeEnv"),
+           rec("0.0.0.0", "0.0.0.0", "LISTEN", process="VLLM::Worker", remote_port=0),  # a rollout actor's engine
            rec("192.0.2.2", "169.254.169.254", "TIME-WAIT", process="", pid=None)]  # owner gone: still counts
     assert network.violations(ok + bad) == bad
     # by pid: only the listed processes (and the metadata address, whoever)
