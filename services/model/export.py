@@ -12,13 +12,13 @@ came from. Loading it back needs nothing from this project: `AutoModelForCausalL
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from services.model.staging import staged_dir
 
 # Every file a tokenizer may keep beside the model (the fast tokenizer, a slow one's vocab, the template).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
@@ -38,9 +38,7 @@ def export_policy(model_path: str, state_dict: dict[str, torch.Tensor], out_dir:
     missing = _check_names(config, state_dict)
     if missing:
         raise ValueError(f"export: the state dict lacks {len(missing)} weights of {model_path}, e.g. {missing[:3]}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         config.save_pretrained(tmp)
         try:
             generation = GenerationConfig.from_pretrained(model_path)
@@ -53,11 +51,6 @@ def export_policy(model_path: str, state_dict: dict[str, torch.Tensor], out_dir:
             weights.pop("lm_head.weight", None)  # transformers re-ties it to the embedding on load
         save_torch_state_dict(weights, tmp, max_shard_size=max_shard_size, safe_serialization=True)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"source_model": str(model_path), **(info or {})}, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from services.config import SmallLLMConfig
+from services.model.staging import staged_dir
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
@@ -93,9 +91,7 @@ def build_small_llm(cfg: SmallLLMConfig, out_dir: str | Path, seed: int = 0) -> 
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=True, rope_theta=10000.0,
         bos_token_id=None, eos_token_id=ids[IM_END], pad_token_id=ids[PAD], torch_dtype="float32",
     )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, keep_existing=lambda d: _marker_hash(d) == digest) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(config).float()
@@ -105,13 +101,6 @@ def build_small_llm(cfg: SmallLLMConfig, out_dir: str | Path, seed: int = 0) -> 
         tok.save_pretrained(tmp)
         _as_qwen_tokenizer(tmp)
         (tmp / _MARKER).write_text(json.dumps({"hash": digest, "seed": seed, "cfg": cfg.model_dump(mode="json")}))
-        if out_dir.exists():
-            if _marker_hash(out_dir) == digest:
-                return out_dir
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from services.config import ModelConfig, TinyModelConfig
+from services.model.staging import staged_dir
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
@@ -103,9 +102,7 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: str | Path, seed: int = 0) -
     digest = tiny_config_hash(cfg, seed)
     if _marker_hash(out_dir) == digest:
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir, keep_existing=lambda d: _marker_hash(d) == digest) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = Qwen2ForCausalLM(_tiny_hf_config(cfg)).float()
@@ -118,13 +115,6 @@ def build_tiny_model(cfg: TinyModelConfig, out_dir: str | Path, seed: int = 0) -
         model.save_pretrained(tmp, safe_serialization=True)
         build_char_tokenizer().save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"hash": digest, "seed": seed, "cfg": cfg.model_dump(mode="json")}))
-        if out_dir.exists():
-            if _marker_hash(out_dir) == digest:  # another builder won the race
-                return out_dir
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

@@ -16,12 +16,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from services.config import WarmStartSettings
+from services.model.staging import staged_dir
 
 _MARKER = "aepo_warmstart.json"
 
@@ -213,16 +212,9 @@ def warm_start(
     from services.backends.ray_cluster import init_ray
 
     init_ray()  # no-op when the caller already joined or started a cluster
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         result = _fit(base_path, tmp, data, cfg)
         (tmp / _MARKER).write_text(json.dumps({"hash": digest, "base": str(base_path), "cfg": cfg.model_dump(), **result}))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
