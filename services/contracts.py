@@ -21,7 +21,7 @@ Quantities keep one name from the learner's stats to the metrics row to Promethe
 The backends implement the protocols: services/backends/ray_cluster.py (Ray actors) and
 services/backends/in_process.py; tests use fakes. The controller's interface is
 `controller.client.ControllerClient`. This module imports neither Ray nor torch, so the rollout
-service uses it in the separate vLLM environment too.
+service and its engines load it in any process.
 """
 
 from __future__ import annotations

@@ -51,6 +51,8 @@ CLOSED_PROXY = "http://127.0.0.1:9"
 NO_PROXY = "127.0.0.1,localhost,::1,127.0.0.0/8"
 PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 METADATA_ADDRESS = "169.254.169.254"
+# vLLM on this machine only: no usage report to vLLM's server, no UDP probe of 8.8.8.8 for "its" IP
+VLLM_LOCAL_ENV = (("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("VLLM_HOST_IP", LOOPBACK))
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -68,7 +70,7 @@ def local_ray_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": environ.get("RAY_USAGE_STATS_ENABLED", "0"),
         "RAY_AUTH_MODE": environ.get("RAY_AUTH_MODE", "disabled"),  # Ray 2.60 turns token auth on by default
     }
-    for var, value in (("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1"), ("VLLM_HOST_IP", LOOPBACK)):
+    for var, value in VLLM_LOCAL_ENV:
         env[var] = environ.get(var, value)
     if sys.platform.startswith("linux") and "GLOO_SOCKET_IFNAME" not in environ:
         env["GLOO_SOCKET_IFNAME"] = "lo"

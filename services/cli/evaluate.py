@@ -76,7 +76,10 @@ def generate(args: argparse.Namespace, items: list) -> list:
     from services.model.tiny import decode_response, encode_prompt, load_tokenizer
     from services.rollout.service import RolloutService
 
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    from services.backends.network import VLLM_LOCAL_ENV
+
+    for var, value in VLLM_LOCAL_ENV:  # the engine runs in this process: keep it on this machine too
+        os.environ.setdefault(var, value)
     tok = load_tokenizer(args.model)
     prompts = [(it, encode_prompt(tok, it.prompt, args.chat_template, args.system_prompt)) for it in items]
     service = RolloutService(args.model, RolloutConfig(engine=args.engine, max_tokens=args.max_tokens), seed=args.seed)
@@ -112,17 +115,11 @@ def verify_all(args: argparse.Namespace, samples: list) -> None:
 
 def score(samples: list, n_prompts: int, n: int) -> dict:
     """avg@n, pass@k (k = 1, 2, 4, ... <= n), outcome counts, response length and truncation."""
-    import torch
-
     from services import algorithm as A
+    from services.loop.evaluation import correct_matrix, pass_at_powers
 
-    correct = torch.tensor([s.outcome == "correct" for s in samples], dtype=torch.float32).view(n_prompts, n)
-    counts = correct.sum(1).long().tolist()
-    out = {f"avg@{n}": A.avg_at_k(correct)}
-    k = 1
-    while k <= n:
-        out[f"pass@{k}"] = sum(A.pass_at_k(n, c, k) for c in counts) / n_prompts
-        k *= 2
+    correct = correct_matrix(samples, n_prompts, n)
+    out = {f"avg@{n}": A.avg_at_k(correct), **{f"pass@{k}": v for k, v in pass_at_powers(correct).items()}}
     outcomes: dict[str, int] = {}
     for s in samples:
         outcomes[s.outcome] = outcomes.get(s.outcome, 0) + 1

@@ -28,14 +28,26 @@ def evaluate(trainer: "Trainer", after_steps: int) -> dict:
         samples = trainer.parts.rollout.generate(prompts, n, temp, step_seed(tc.seed, after_steps, 3 if tag == "low" else 4))
         trainer.decode(samples)
         verify(trainer.parts.reward, samples, after_steps, f"eval-{tag}")
-        correct = torch.tensor([s.outcome == "correct" for s in samples], dtype=torch.float32).view(len(items), n)
+        correct = correct_matrix(samples, len(items), n)
         if tag == "low":
             out[f"eval_avg@{n}"] = A.avg_at_k(correct)
         else:
-            c = correct.sum(1).long().tolist()
-            k = 1
-            while k <= n:
-                out[f"eval_pass@{k}"] = sum(A.pass_at_k(n, ci, k) for ci in c) / len(c)
-                k *= 2
+            out.update({f"eval_pass@{k}": v for k, v in pass_at_powers(correct).items()})
     trainer.eval_log.append({"step": after_steps, **out})
+    return out
+
+
+def correct_matrix(samples: list, n_prompts: int, n: int) -> torch.Tensor:
+    """[prompts, n] 1.0 where a sample's verdict is `correct` (samples prompt-major)."""
+    return torch.tensor([s.outcome == "correct" for s in samples], dtype=torch.float32).view(n_prompts, n)
+
+
+def pass_at_powers(correct: torch.Tensor) -> dict[int, float]:
+    """Unbiased pass@k for k = 1, 2, 4, ... <= n, averaged over the prompts of a [prompts, n] matrix."""
+    n = correct.shape[1]
+    counts = correct.sum(1).long().tolist()
+    out, k = {}, 1
+    while k <= n:
+        out[k] = sum(A.pass_at_k(n, c, k) for c in counts) / len(counts)
+        k *= 2
     return out

@@ -208,8 +208,9 @@ class Trainer:
                 logger.close()
         rows = self.log.rows()
         evals = self.eval_log.rows()
+        exported = self.export_policy()
         extra = {"run_name": self.cfg.run_name, "output_dir": str(self.output_dir), "resumed": resumed,
-                 "learner_compute": getattr(self.parts.learner, "compute", None), **self.export_policy()}
+                 "learner_compute": getattr(self.parts.learner, "compute", None), **exported}
         if evals:
             extra["eval_before"] = before or evals[0]
             extra["eval_after"] = evals[-1]
