@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from controller.client import LocalControllerClient
 from controller.rule import Plan, plan as decide, target_at
 from services.config import AEPOConfig, AlgorithmConfig, ControllerConfig
+from services.contracts import ControllerStateLost
 
 SOURCES = ("exact", "sampled")
 
@@ -46,22 +47,40 @@ class MemoryStore:
 
 
 class RedisStore:
-    """State as one JSON document under `aepo:controller:<run_id>` (atomic SET per update)."""
+    """State as one JSON document under `aepo:controller:<run_id>` (atomic SET per update).
 
-    def __init__(self, url: str, run_id: str, timeout_s: float = 5.0) -> None:
+    A Redis outage is retried for `retry_s` (a restarting Redis, a failover), then reported with
+    the URL and the run it belongs to; the controller never continues on a state it could not save.
+    """
+
+    def __init__(self, url: str, run_id: str, timeout_s: float = 5.0, retry_s: float = 30.0) -> None:
         import redis
 
         self.key = f"aepo:controller:{run_id}"
+        self.url, self.retry_s = url, retry_s
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._redis.ping()  # fail at start, with the URL in the message, not at the first step
-        self.url = url
+        self._retry("reach", self._redis.ping)  # fail at start, with the URL in the message, not at the first step
+
+    def _retry(self, what: str, call):
+        import redis
+
+        deadline, wait = time.monotonic() + self.retry_s, 0.1
+        while True:
+            try:
+                return call()
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if time.monotonic() + wait > deadline:
+                    raise RuntimeError(f"Redis at {self.url} unreachable for {self.retry_s:g} s: could not {what} "
+                                       f"the controller state {self.key} ({exc})") from exc
+                time.sleep(wait)
+                wait = min(wait * 2, 2.0)
 
     def load(self) -> dict | None:
-        raw = self._redis.get(self.key)
+        raw = self._retry("load", lambda: self._redis.get(self.key))
         return json.loads(raw) if raw else None
 
     def save(self, state: dict) -> None:
-        self._redis.set(self.key, json.dumps(state))
+        self._retry("save", lambda: self._redis.set(self.key, json.dumps(state)))
 
 
 class MetricsSink(Protocol):
@@ -98,18 +117,29 @@ class ControllerCore:
         store: StateStore | None = None,
         metrics: MetricsSink | None = None,
         log_tail: int = 500,
+        restarted: bool = False,
     ) -> None:
         self.algorithm, self.config, self.run_id = algorithm, config, run_id
         self.store = store or MemoryStore()
         self.metrics = metrics or NullMetrics()
         self.log_tail = log_tail
-        self._state = self.store.load() or {"run_id": run_id, "last": {}, "log": [], "selected": {}}
+        stored = self.store.load()
+        # a restarted controller with nothing stored would plan "entropy up" from a zero integral:
+        # it refuses every call until the driver hands its state back (`restore`)
+        self._lost = restarted and stored is None
+        self._state = stored or {"run_id": run_id, "last": {}, "log": [], "selected": {}}
         if self._state.get("run_id") != run_id:
             raise ValueError(f"stored controller state belongs to run {self._state.get('run_id')!r}, not {run_id!r}")
+
+    def _check_state(self) -> None:
+        if self._lost:
+            raise ControllerStateLost("controller", f"the controller of run {self.run_id!r} restarted with an empty "
+                                      f"{type(self.store).__name__}; it serves again once the driver restores its state")
 
     # ------------------------------------------------------------------ the learners' side
     def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
         """Record the entropy the learners measured after `step` (exact or sampled estimate)."""
+        self._check_state()
         last = self._observe(step, entropy, source)
         self.store.save(self._state)
         return last
@@ -117,6 +147,7 @@ class ControllerCore:
     def publish(self, step: int, entropies: dict[str, float], selected: int | None = None) -> None:
         """One step's measurements from the learners (one store write): the entropy per source,
         and how many regularizer rows the step trains on, kept in the decision log beside the plan."""
+        self._check_state()
         for source, entropy in entropies.items():
             self._observe(step, entropy, source)
         if selected is not None:
@@ -146,6 +177,7 @@ class ControllerCore:
         """The regularizer plan for `step`: {temperature, m, target, direction, reason, entropy}."""
         if not self._is_aepo:
             raise ValueError(f"algorithm {self.algorithm.type!r} has no regularizer to plan")
+        self._check_state()
         seen = self._state["last"].get(self.config.entropy_source)
         entropy = seen["entropy"] if seen is not None else None
         # the PI rule's integral: planning the same step again (a retried step, a resumed run)
@@ -169,6 +201,7 @@ class ControllerCore:
         self._state = {k: json.loads(json.dumps(state.get(k, default))) for k, default in
                        (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}), ("pi", None))}
         self.store.save(self._state)
+        self._lost = False
 
     # ------------------------------------------------------------------ inspection
     def target(self, step: int) -> float | None:
@@ -177,6 +210,7 @@ class ControllerCore:
 
     def state(self) -> dict[str, Any]:
         """Everything the controller knows: last observations, the decision log tail, its store."""
+        self._check_state()  # a blank state handed out as a copy would become the reset it hides
         return {
             **json.loads(json.dumps(self._state)),
             "entropy_source": self.config.entropy_source,
@@ -194,18 +228,28 @@ class EntropyControllerActor(LocalControllerClient):
     `controller.client.RayControllerClient`."""
 
     def __init__(self, algorithm: dict, config: dict, run_id: str) -> None:
+        import ray
         from pydantic import TypeAdapter
 
         alg = TypeAdapter(AlgorithmConfig).validate_python(algorithm)
         cfg = ControllerConfig.model_validate(config)
         store = RedisStore(cfg.redis_url, run_id) if cfg.redis_url else MemoryStore()
-        super().__init__(ControllerCore(alg, cfg, run_id, store=store))
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        super().__init__(ControllerCore(alg, cfg, run_id, store=store, restarted=restarted))
+
+    def pid(self) -> int:
+        """This actor's process id (the chaos run kills it)."""
+        import os
+
+        return os.getpid()
 
 
-def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_id: str, detached: bool = False):
+def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_id: str, detached: bool = False,
+                     max_restarts: int = 3):
     """Create (or reuse, by name) the controller actor in the current Ray cluster.
 
-    A crashed controller is restarted by Ray (max_restarts); with Redis it resumes its state.
+    A crashed controller is restarted by Ray (max_restarts) and its calls retried; with Redis it
+    resumes its state, without it refuses to serve until the driver restores it.
     """
     import ray
 
@@ -213,8 +257,8 @@ def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_i
     options: dict[str, Any] = {
         "name": config.name,
         "get_if_exists": True,
-        "max_restarts": 3,
-        "max_task_retries": 3,
+        "max_restarts": max_restarts,
+        "max_task_retries": max_restarts,
         "num_cpus": 0,
     }
     if detached:

@@ -75,13 +75,12 @@ class RayControllerClient:
         self.handle, self.timeout_s = handle, timeout_s
 
     def _call(self, method: str, *args) -> Any:
-        import ray
+        """A call with a deadline; a dead controller, a silent one and one that lost its state are
+        `RoleFailure`s (services/contracts.py) the driver knows how to mend."""
+        from services.backends.remote import get_one
 
         ref = getattr(self.handle, method).remote(*args)
-        try:
-            return ray.get(ref, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"entropy controller did not answer {method}{args} within {self.timeout_s:g} s") from None
+        return get_one(ref, self.timeout_s, "controller", f"entropy controller: {method}")
 
     def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
         return self._call("observe", step, entropy, source)

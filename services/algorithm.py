@@ -60,18 +60,31 @@ from services.config import (
 # ----------------------------------------------------------------------------- advantages
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6, valid: torch.Tensor | None = None) -> torch.Tensor:
     """GRPO advantages (r - mean) / (std + eps) within consecutive groups of `group_size`.
 
-    std is the unbiased (n-1) sample std, as the reference's torch.std. A group whose rewards
-    are all equal gets advantage 0 for every member.
+    std is the unbiased (n-1) sample std, as the reference's torch.std. A group whose rewards are
+    all equal gets advantage 0 for every member. `valid` (bool per reward) marks samples with a
+    verdict: mean and std are then over each group's valid members, invalid ones get 0 (a sample
+    never judged neither moves its group's baseline nor gets a signal), and a group with < 2 valid
+    members gets 0 throughout (one verdict has no baseline but itself). None/all True: unmasked.
     """
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for group-normalised advantages, got {group_size}")
     if rewards.dim() != 1 or rewards.numel() % group_size:
         raise ValueError(f"rewards must be 1-D with a multiple of {group_size} entries, got shape {tuple(rewards.shape)}")
+    if valid is not None and valid.shape != rewards.shape:
+        raise ValueError(f"valid must have the rewards' shape {tuple(rewards.shape)}, got {tuple(valid.shape)}")
     r = rewards.reshape(-1, group_size).double()
-    adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
+    if valid is None or bool(valid.all()):  # bit for bit the unmasked path: runs without failures unchanged
+        adv = (r - r.mean(dim=1, keepdim=True)) / (r.std(dim=1, unbiased=True, keepdim=True) + eps)
+    else:
+        v = valid.reshape(-1, group_size).bool()
+        n = v.sum(dim=1, keepdim=True).double()
+        r = torch.where(v, r, 0.0)  # an invalid reward never reaches a sum, whatever it is (NaN * 0 is NaN)
+        dev = torch.where(v, r - r.sum(dim=1, keepdim=True) / n.clamp_min(1.0), 0.0)
+        std = (dev.square().sum(dim=1, keepdim=True) / (n - 1.0).clamp_min(1.0)).sqrt()
+        adv = torch.where(v & (n >= 2), dev / (std + eps), 0.0)
     return adv.reshape(-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)
 
 
@@ -237,16 +250,17 @@ def sampled_entropy_estimate(logp: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 
 def regularizer_candidates(
-    rewards: torch.Tensor, advantages: torch.Tensor, threshold: float = 0.05, signed: bool = False
+    rewards: torch.Tensor, advantages: torch.Tensor, threshold: float = 0.05, signed: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Which regularizer samples may be trained on (bool mask); `select_regularizer` keeps the first m.
 
     AEPO: reward 1 and group advantage > threshold (correct answers from groups that are not
     all-correct). `signed` (the paper's ablation): every sample with |advantage| > threshold.
+    `valid` (as in `group_advantages`): a sample without a verdict is never a candidate.
     """
-    if signed:
-        return advantages.abs() > threshold
-    return (rewards >= 1.0) & (advantages > threshold)
+    keep = advantages.abs() > threshold if signed else (rewards >= 1.0) & (advantages > threshold)
+    return keep if valid is None else keep & valid.bool()
 
 
 def select_regularizer(
@@ -255,6 +269,7 @@ def select_regularizer(
     m: int,
     threshold: float = 0.05,
     signed: bool = False,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick the regularizer sequences from a regularizer batch; returns (indices, advantages).
 
@@ -262,12 +277,13 @@ def select_regularizer(
     from groups that are not all-correct; the first m in batch order (as the reference), each
     with advantage 1. `signed` (the paper's ablation): every sample with |advantage| >
     threshold, negatives included, the first m, keeping their signed group advantages.
+    `valid` excludes samples without a verdict (`regularizer_candidates`).
     """
     if m < 0:
         raise ValueError(f"m must be >= 0, got {m}")
     if rewards.shape != advantages.shape or rewards.dim() != 1:
         raise ValueError(f"rewards and advantages must be 1-D of one shape, got {tuple(rewards.shape)}, {tuple(advantages.shape)}")
-    keep = regularizer_candidates(rewards, advantages, threshold, signed)
+    keep = regularizer_candidates(rewards, advantages, threshold, signed, valid)
     idx = keep.nonzero(as_tuple=False).flatten()[:m]
     adv = advantages[idx].float() if signed else torch.ones(idx.numel(), dtype=torch.float32)
     return idx, adv

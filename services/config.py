@@ -12,6 +12,8 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from controller.rule import BangBangRule, ConstantTarget, ControllerRule, TargetSchedule
+from services.data.config import (CountdownDataConfig, DataConfig, DatasetPreset, FileDataConfig,  # noqa: F401 - re-exported
+                                  WordProblemDataConfig)
 
 
 class _Strict(BaseModel):
@@ -200,64 +202,6 @@ class ModelConfig(_Strict):
     )
 
 
-class CountdownDataConfig(_Strict):
-    """The toy task: three numbers 1–9 and a target, answered in two arithmetic steps."""
-
-    type: Literal["countdown"] = "countdown"
-    num_train: int = Field(20000, ge=1, description="Training problems generated.")
-    num_eval: int = Field(256, ge=1, description="Held-out problems generated (disjoint from training).")
-    space_prob: float = Field(
-        0.2, ge=0.0, le=1.0, description="Warm-start answers insert an optional space at each of 9 places with this probability."
-    )
-    seed: int = Field(0, description="Seed of the problem generator.")
-
-
-class WordProblemDataConfig(_Strict):
-    """Synthetic grade-school word problems, solutions ending in \\boxed{N}, verified by the `math` verifier."""
-
-    type: Literal["wordproblems"] = "wordproblems"
-    num_train: int = Field(5000, ge=1, description="Training problems generated.")
-    num_eval: int = Field(200, ge=1, description="Held-out problems generated (no question shared with training).")
-    max_number: int = Field(50, ge=4, description="Largest number in a problem.")
-    seed: int = Field(0, description="Seed of the problem generator.")
-
-
-DatasetPreset = Literal["dapo_math", "math500", "gsm8k"]
-
-
-class FileDataConfig(_Strict):
-    """Prompts and reference answers from JSONL or Parquet files, or a hub dataset by name.
-
-    Field settings are dotted paths into a row (`reward_model.ground_truth`). A `preset` fills in
-    the layout of a published dataset (services/data/datasets.py: PRESETS); explicit keys win over
-    it. The eval file has its own settings (`eval_*`), which default to the eval preset's, then to
-    the train file's.
-    """
-
-    type: Literal["file"] = "file"
-    train_path: str = Field(description="JSONL or Parquet file of training prompts, or a hub dataset name.")
-    eval_path: str | None = Field(None, description="Held-out file (or hub name); None = no eval.")
-    preset: DatasetPreset | None = Field(
-        None, description="Layout of a published dataset: dapo_math (DAPO-Math-17k: chat-list prompt, "
-        "reward_model.ground_truth), math500 (problem/answer), gsm8k (question/answer after '####')."
-    )
-    prompt_key: str | None = Field(None, description="Dotted path of the prompt (text or chat messages); None = the preset's, else 'prompt'.")
-    answer_key: str | None = Field(None, description="Dotted path of the reference answer; None = the preset's, else 'answer'.")
-    answer_format: Literal["plain", "gsm8k"] | None = Field(
-        None, description="plain: the field is the answer; gsm8k: the answer is what follows '####'. None = the preset's, else plain."
-    )
-    eval_preset: DatasetPreset | None = Field(None, description="Layout of the eval file when it differs (None = `preset`).")
-    eval_prompt_key: str | None = Field(None, description="Eval file's prompt path; None = eval preset's, else the train setting.")
-    eval_answer_key: str | None = Field(None, description="Eval file's answer path; None = eval preset's, else the train setting.")
-    eval_answer_format: Literal["plain", "gsm8k"] | None = Field(None, description="Eval file's answer format (as answer_format).")
-    split: str = Field("train", description="Split of a hub dataset named by train_path.")
-    eval_split: str = Field("test", description="Split of a hub dataset named by eval_path.")
-    task: str = Field("math", description="Reward-server verifier for these items.")
-
-
-DataConfig = Annotated[Union[CountdownDataConfig, WordProblemDataConfig, FileDataConfig], Field(discriminator="type")]
-
-
 class RolloutConfig(_Strict):
     """Rollout generation: engine, group size, lengths, actors and their resources."""
 
@@ -376,6 +320,15 @@ class RewardConfig(_Strict):
     url: str | None = Field(None, description="Base URL of an external reward server.")
     replicas: int = Field(1, ge=1, description="Serve replicas.")
     timeout_s: float = Field(10.0, gt=0.0, description="Per-item verification deadline, seconds.")
+    # A timeout or error is the server's failure, not the answer's: a 0 would bias its group's advantages.
+    on_failure: Literal["mask", "zero"] = Field(
+        "mask", description="An item still `timeout`/`error` after one re-verification: mask = left out of the update "
+        "and of its group's advantage statistics; zero = trained on as reward 0 (the old behaviour).",
+    )
+    max_failure_share: float = Field(
+        0.2, ge=0.0, le=1.0, description="Stop the run (RewardFailureError) when more than this share of a step's "
+        "items still fail after the re-verification; 1.0 never stops.",
+    )
 
     @model_validator(mode="after")
     def _url(self) -> "RewardConfig":
@@ -408,7 +361,10 @@ class TrainerConfig(_Strict):
         None, ge=1, description="Samples per prompt at the last eval (pass@k up to this k); None = eval_samples."
     )
     final_eval_prompts: int | None = Field(None, ge=1, description="Held-out prompts at the last eval; None = eval_prompts.")
-    save_every: int = Field(50, ge=0, description="Checkpoint every K steps (0 = only at the end).")
+    save_every: int = Field(10, ge=0, description="Checkpoint every K steps (0 = only by time, and at the end).")
+    save_every_seconds: float = Field(
+        1800.0, ge=0.0, description="Also checkpoint once this long has passed since the last one (0 = by steps only)."
+    )
     seed: int = Field(0, description="Seed for data order, sampling and init.")
     output_dir: str = Field("runs/default", description="Where metrics.jsonl, summary.json, plots and checkpoints go.")
     metrics_port: int = Field(
@@ -420,7 +376,10 @@ class TrainerConfig(_Strict):
     log_samples: int = Field(
         4, ge=0, description="Per step, write this many GRPO samples and every kept regularizer sample to samples.jsonl (0 = none)."
     )
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Checkpoints kept on disk (oldest deleted first); with 2 or more, resume falls back to "
+        "the previous one when the newest is damaged."
+    )
     loggers: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=list, description="Experiment loggers beside metrics.jsonl: tensorboard (event files in "
         "output_dir/tensorboard), wandb (offline mode, output_dir/wandb)."
@@ -447,6 +406,26 @@ class WarmStartSettings(_Strict):
     )
 
 
+class RecoveryConfig(_Strict):
+    """Timeouts on every remote wait, and how often a run may rebuild a role before it stops."""
+
+    max_recoveries: int = Field(
+        3, ge=0, description="In-run recoveries allowed per role (a rebuilt role and a rollback to the latest checkpoint); "
+        "one more failure of that role stops the run (resume it with --resume)."
+    )
+    start_timeout_s: float = Field(600.0, gt=0, description="Actors ready, placement groups placed, process groups formed.")
+    rollout_timeout_s: float = Field(1800.0, gt=0, description="One generation call (a step's batches, or an eval).")
+    learner_timeout_s: float = Field(1800.0, gt=0, description="One update, checkpoint save or load on the learners.")
+    sync_timeout_s: float = Field(600.0, gt=0, description="One weight sync: gather on the learners, load on the engines.")
+    controller_timeout_s: float = Field(120.0, gt=0, description="One call to the entropy controller.")
+    collective_timeout_s: float = Field(
+        1800.0, gt=0, description="torch.distributed's timeout on the learners' collectives (a rank stuck on a dead peer)."
+    )
+    watchdog_s: float = Field(
+        300.0, gt=0, description="Log which role a step is waiting on once it has waited this long, and every interval after."
+    )
+
+
 class TrainConfig(_Strict):
     """One RL run."""
 
@@ -460,6 +439,7 @@ class TrainConfig(_Strict):
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     warm_start: WarmStartSettings = Field(default_factory=WarmStartSettings)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
 
     @model_validator(mode="after")
     def _model_fits_task(self) -> "TrainConfig":

@@ -27,7 +27,7 @@ service and its engines load it in any process.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 from controller.client import ControllerClient
 
@@ -90,7 +90,9 @@ class LearnerBackend(Protocol):
     def state_dict(self) -> dict:
         """The full weights as tensors in this process (HF names): what an export writes."""
 
-    def save(self, path: str) -> None: ...
+    def save(self, path: str) -> dict[str, int] | None:
+        """Write the learners' state under `path`; returns {file: bytes} written (fsynced), for the
+        checkpoint's manifest (None: not reported)."""
 
     def load(self, path: str) -> None: ...
 
@@ -116,3 +118,38 @@ class Components:
     tokenizer: Tokenizer
     metrics: Any = None  # services.loop.metrics.RunMetrics or None
     model_path: str | None = None  # the starting checkpoint; None (tests' fakes): no policy export
+    # replaces a failed role's actors (RoleFailure below); None: a failure ends the run
+    recover: Callable[[str], None] | None = None
+
+
+# ----------------------------------------------------------------------------- failures
+# Every remote wait in the driver has a timeout and turns a dead or silent actor into a
+# `RoleFailure` naming the role and what it was doing; services/loop/recovery.py says how the
+# driver comes back from each (in place, or by a rollback to the latest checkpoint).
+
+ROLES = ("rollout", "learner", "controller", "reward")
+
+
+class RoleFailure(RuntimeError):
+    """A role died, hung past its timeout, or answered something the driver cannot use."""
+
+    def __init__(self, role: str, message: str) -> None:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+        super().__init__(f"{role}: {message}")
+        self.role = role
+
+    def __reduce__(self):  # crosses Ray's process boundary intact
+        return (type(self), (self.role, str(self).split(": ", 1)[1]))
+
+
+class RoleTimeout(RoleFailure):
+    """A remote call did not answer within its timeout."""
+
+
+class ControllerStateLost(RoleFailure):
+    """The controller restarted without its state (in-memory store) and must be handed it back;
+    it refuses to plan from nothing rather than silently steering a blank integral."""
+
+    def __init__(self, role: str = "controller", message: str = "restarted without its state") -> None:
+        super().__init__(role, message)

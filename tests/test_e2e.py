@@ -9,7 +9,6 @@ then trains on exactly those problems.
 from __future__ import annotations
 
 import json
-import random
 import urllib.request
 from pathlib import Path
 
@@ -19,35 +18,6 @@ from testlib import prompts_of
 
 pytestmark = pytest.mark.slow
 
-
-
-@pytest.fixture(scope="module")
-def taught_model(tmp_path_factory):
-    """The tiny model after ~1 s/step of plain SFT on 4 problems (memorised, with spaces)."""
-    import torch
-
-    from services.config import TinyModelConfig
-    from services.data.countdown import make_splits
-    from services.model.tiny import build_tiny_model, load_causal_lm, load_tokenizer
-    from services.model.warmstart import sft_batch
-
-    root = tmp_path_factory.mktemp("model")
-    base = build_tiny_model(TinyModelConfig(), root / "base", seed=0)
-    problems = make_splits(4, 1, seed=0)[0]
-    tok, model = load_tokenizer(base), load_causal_lm(base).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    rng = random.Random(0)
-    torch.manual_seed(0)
-    for _ in range(120):
-        ids, lab, att = sft_batch(problems, tok, 32, rng, space_prob=0.2)
-        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    out = root / "taught"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out), problems
 
 
 def _config(tmp_path: Path, port: int, steps: int):
@@ -139,7 +109,9 @@ def test_a_short_aepo_run_through_every_real_component(ray_local, taught_model, 
         assert sum(r["reg_selected"] for r in rows) == len(reg)
 
         # --- a fresh policy side (new learners, engine, and an in-memory controller that knows nothing)
-        system.restart_policy_side(cfg)
+        from services.loop import checkpoint
+
+        system.restart_policy_side(cfg, run_id=checkpoint.saved_run_id(tmp_path / "run"))  # as `--resume` does
         assert system.controller.state()["last"] == {}
         parts2 = system.components(None)
         recorder = CrashAt(parts2.learner, -1)

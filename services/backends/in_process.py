@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from services.backends.network import free_port
 from services.config import TrainConfig, learner_config
 from controller.client import LocalControllerClient
-from services.backends.ray_cluster import PolicySystem, TokenizerAdapter
+from services.backends.ray_cluster import PolicySystem, TokenizerAdapter, new_run_id
 
 if TYPE_CHECKING:
     from reward_server.schemas import VerifyItem, VerifyResult
@@ -78,8 +78,8 @@ class LocalLearner:
     def state_dict(self) -> dict:
         return self.worker.full_state_dict()
 
-    def save(self, path: str) -> None:
-        self.worker.save_checkpoint(os.path.abspath(path))
+    def save(self, path: str) -> dict[str, int]:
+        return self.worker.save_checkpoint(os.path.abspath(path))
 
     def load(self, path: str) -> None:
         self.worker.load_checkpoint(os.path.abspath(path))
@@ -88,8 +88,9 @@ class LocalLearner:
 class LocalSystem(PolicySystem):
     """`System`'s interface (components, restart_policy_side, close) with everything in-process."""
 
-    def __init__(self, cfg: TrainConfig, model_path: str, threads: int | None = None) -> None:
+    def __init__(self, cfg: TrainConfig, model_path: str, threads: int | None = None, run_id: str | None = None) -> None:
         self.cfg, self.model_path = cfg, model_path
+        self.run_id = run_id or new_run_id(cfg.run_name)
         self.threads = threads or cfg.rollout.torch_threads or 1
         self.reward = InlineReward()
         self.worker = None
@@ -104,8 +105,8 @@ class LocalSystem(PolicySystem):
         from services.rollout.service import RolloutService
 
         cfg = self.cfg
-        store = RedisStore(cfg.controller.redis_url, cfg.run_name) if cfg.controller.redis_url else MemoryStore()
-        self.controller = LocalControllerClient(ControllerCore(cfg.algorithm, cfg.controller, cfg.run_name, store=store))
+        store = RedisStore(cfg.controller.redis_url, self.run_id) if cfg.controller.redis_url else MemoryStore()
+        self.controller = LocalControllerClient(ControllerCore(cfg.algorithm, cfg.controller, self.run_id, store=store))
         lcfg = learner_config(cfg).model_copy(update={"num_workers": 1, "device": "cpu"})
         self.worker = LearnerWorker(0, 1, self.model_path, lcfg, cfg.algorithm, seed=cfg.trainer.seed, device="cpu")
         self.worker.setup("127.0.0.1", free_port())

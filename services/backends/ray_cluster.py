@@ -72,12 +72,20 @@ class RewardAdapter:
 
 
 class RolloutAdapter:
-    """RolloutPool (or one RolloutService) behind the driver's protocol; asks the controller for
-    the regularizer plan. Each request carries the driver's PromptItem with its ids, so the
-    samples come back holding it (`Sample.prompt`)."""
+    """The system's RolloutPool (or one RolloutService) behind the driver's protocol; asks the
+    system's controller for the regularizer plan (None: no regularizer). Each request carries the
+    driver's PromptItem with its ids, so the samples come back holding it (`Sample.prompt`)."""
 
-    def __init__(self, pool, controller: ControllerClient | None):
-        self.pool, self.controller = pool, controller
+    def __init__(self, system: "PolicySystem", with_controller: bool):
+        self.system, self.with_controller = system, with_controller
+
+    @property
+    def pool(self):
+        return self.system._rollout()
+
+    @property
+    def controller(self) -> ControllerClient | None:
+        return self.system.controller if self.with_controller else None
 
     def generate(self, prompts, n: int, temperature: float, seed: int) -> list[Sample]:
         from services.rollout.service import SamplingRequest
@@ -102,11 +110,20 @@ class RolloutAdapter:
 
 
 class LearnerAdapter:
-    """The learner group behind the driver's protocol; rank 0 publishes entropy to `controller`."""
+    """The system's learner group behind the driver's protocol (whichever group the system holds
+    now: a recovery replaces it); rank 0 publishes entropy to the system's controller."""
 
-    def __init__(self, group, controller: ControllerClient):
-        self.group, self.controller = group, controller
-        self.compute = group.compute  # device and precision, for the run summary
+    def __init__(self, system: "System"):
+        self.system = system
+        self.compute = system.learners.compute  # device and precision, for the run summary
+
+    @property
+    def group(self):
+        return self.system.learners
+
+    @property
+    def controller(self) -> ControllerClient:
+        return self.system.controller
 
     def update(self, batch: TrainBatch, step: int) -> dict:
         return self.group.update(batch, step=step, controller=self.controller)
@@ -117,8 +134,8 @@ class LearnerAdapter:
     def state_dict(self) -> dict:
         return self.group.get_full_state_dict()
 
-    def save(self, path: str) -> None:
-        self.group.save_checkpoint(path)
+    def save(self, path: str) -> dict[str, int]:
+        return self.group.save_checkpoint(path)
 
     def load(self, path: str) -> None:
         self.group.load_checkpoint(path)
@@ -196,6 +213,24 @@ def start_reward(cfg: TrainConfig) -> tuple[str, Any]:
     return deploy(replicas=rc.replicas), None
 
 
+def new_run_id(run_name: str) -> str:
+    """A fresh run's id: its controller state (in Redis, in checkpoints) is keyed by it, so a rerun
+    under the same run_name never inherits an old run's state."""
+    import uuid
+
+    return f"{run_name}-{uuid.uuid4().hex[:8]}"
+
+
+class ControllerProxy:
+    """The system's current controller client (a recovery replaces it), for the driver."""
+
+    def __init__(self, system: "PolicySystem"):
+        self.system = system
+
+    def __getattr__(self, name: str):
+        return getattr(self.system.controller, name)
+
+
 class PolicySystem:
     """What every backend shares: the driver's component bundle, a policy-side restart, `with`.
 
@@ -218,19 +253,24 @@ class PolicySystem:
     def components(self, metrics=None) -> Components:
         aepo = isinstance(self.cfg.algorithm, AEPOConfig)
         return Components(
-            rollout=RolloutAdapter(self._rollout(), self.controller if aepo else None),
+            rollout=RolloutAdapter(self, aepo),
             reward=self.reward,
             learner=self._learner(),
-            controller=self.controller,
+            controller=ControllerProxy(self),
             tokenizer=self.tokenizer,
             metrics=metrics,
             model_path=self.model_path,
+            recover=self.recover,
         )
 
-    def restart_policy_side(self, cfg: TrainConfig) -> None:
+    def recover(self, role: str) -> None:
+        """Replace `role`'s actors (the driver then rolls the run back to its latest checkpoint)."""
+        raise RuntimeError(f"this backend cannot rebuild the {role}")
+
+    def restart_policy_side(self, cfg: TrainConfig, run_id: str | None = None) -> None:
         """New learners, rollout engines and controller (for a second run on the same system)."""
         self._stop_policy_side()
-        self.cfg = cfg
+        self.cfg, self.run_id = cfg, run_id or new_run_id(cfg.run_name)
         self._start_policy_side()
 
     def __enter__(self):
@@ -243,8 +283,9 @@ class PolicySystem:
 class System(PolicySystem):
     """Everything one run needs, started in order and closed in reverse."""
 
-    def __init__(self, cfg: TrainConfig, model_path: str, quiet: bool = True):
+    def __init__(self, cfg: TrainConfig, model_path: str, quiet: bool = True, run_id: str | None = None):
         self.cfg, self.model_path = cfg, model_path
+        self.run_id = run_id or new_run_id(cfg.run_name)
         self._closers: list = []
         init_ray(quiet=quiet)
         self.reward_url, closer = start_reward(cfg)
@@ -254,25 +295,62 @@ class System(PolicySystem):
         self._start_policy_side()
 
     def _start_policy_side(self) -> None:
-        from controller.actor import start_controller
-        from services.learner.group import LearnerGroup
         from services.model.tiny import load_tokenizer
-        from services.rollout.pool import RolloutPool
 
         cfg = self.cfg
-        self.controller_handle = start_controller(cfg.algorithm, cfg.controller, cfg.run_name)
-        self.controller = RayControllerClient(self.controller_handle)
-        self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed)
-        self.pool = RolloutPool(self.model_path, cfg.rollout, seed=cfg.trainer.seed)
+        self._start_controller()
+        self._start_learners()
+        self._start_rollout()
         self.tokenizer = TokenizerAdapter(load_tokenizer(self.model_path), cfg.model.chat_template, cfg.model.system_prompt)
 
-    def sibling(self, cfg: TrainConfig) -> "System":
+    def _start_controller(self) -> None:
+        from controller.actor import start_controller
+
+        rc = self.cfg.recovery
+        self.controller_handle = start_controller(self.cfg.algorithm, self.cfg.controller, self.run_id,
+                                                  max_restarts=max(1, rc.max_recoveries))
+        self.controller = RayControllerClient(self.controller_handle, rc.controller_timeout_s)
+
+    def _start_learners(self) -> None:
+        from services.learner.group import LearnerGroup
+
+        cfg = self.cfg
+        self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed,
+                                     recovery=cfg.recovery)
+
+    def _start_rollout(self) -> None:
+        from services.rollout.pool import RolloutPool
+
+        self.pool = RolloutPool(self.model_path, self.cfg.rollout, seed=self.cfg.trainer.seed, recovery=self.cfg.recovery)
+
+    def recover(self, role: str) -> None:
+        """Replace `role`'s actors with new ones on the initial weights (the driver then rolls the
+        run back to its latest checkpoint, which loads the learners and re-syncs the engines)."""
+        import ray
+
+        log.warning("recovery: replacing the %s", role)
+        if role == "learner":
+            self.learners.abort()
+            self._start_learners()
+        elif role == "rollout":
+            for a in self.pool.actors:
+                ray.kill(a, no_restart=True)
+            self._start_rollout()
+        elif role == "controller":
+            ray.kill(self.controller_handle, no_restart=True)
+            _wait_name_free(self.cfg.controller.name, self.cfg.recovery.start_timeout_s)
+            self._start_controller()
+        else:
+            raise RuntimeError(f"the {role} cannot be rebuilt by the driver; the run stops (resume it with --resume)")
+
+    def sibling(self, cfg: TrainConfig, run_id: str | None = None) -> "System":
         """A second run's policy side (learners, rollout, controller) in this cluster, sharing this
         system's reward server; close it before this one. Its controller must have its own name."""
         if cfg.controller.name == self.cfg.controller.name:
             raise ValueError(f"a sibling run needs its own controller.name, not {cfg.controller.name!r}")
         other = System.__new__(System)
         other.cfg, other.model_path, other._closers = cfg, self.model_path, []
+        other.run_id = run_id or new_run_id(cfg.run_name)
         other.reward_url = self.reward_url
         other.reward = RewardAdapter(self.reward_url, cfg.reward.timeout_s, os.environ.get("AEPO_REWARD_TOKEN"))
         other._start_policy_side()
@@ -282,7 +360,7 @@ class System(PolicySystem):
         return self.pool
 
     def _learner(self):
-        return LearnerAdapter(self.learners, self.controller)
+        return LearnerAdapter(self)
 
     def _stop_policy_side(self) -> None:
         import ray
@@ -298,3 +376,17 @@ class System(PolicySystem):
         self._stop_policy_side()
         for close in reversed(self._closers):
             close()
+
+
+def _wait_name_free(name: str, timeout_s: float) -> None:
+    """Until the killed actor's name is released (a new actor under it must not find the old one)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the actor name {name!r} was not released within {timeout_s:g} s")

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,7 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "algorithm.target.value=0.3 rollout.engine=vllm-cpu (values are YAML: numbers, true/false, null, [..], {..})",
     )
     p.add_argument("--output-dir", help="overrides trainer.output_dir")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in the output dir (an error when there is none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in an output dir that holds an earlier run (deletes its logs and checkpoints)")
     p.add_argument("--compare", choices=["grpo"], help="also run this baseline on the same budget and plot both")
     p.add_argument(
         "--compare-mode", choices=["parallel", "sequential"], default="parallel",
@@ -45,6 +49,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run the config; exit 0 when it finished, 128 + the signal when SIGTERM/SIGINT stopped it
+    after a checkpoint, 2 when the output directory and --resume/--overwrite disagree."""
+    from services.loop import checkpoint, interrupt
+    from services.loop.trainer import RunDirNotEmpty
+
+    if getattr(args, "resume", False) and getattr(args, "overwrite", False):
+        print("aepo train: --resume and --overwrite contradict each other", file=sys.stderr)
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        interrupt.install()
+    try:
+        return _train(args)
+    except (checkpoint.NoCheckpoint, RunDirNotEmpty) as exc:
+        print(f"aepo train: {exc}", file=sys.stderr)
+        return 2
+    except interrupt.Interrupted as exc:
+        print(f"aepo train: {exc}; continue with --resume", flush=True)
+        return exc.exit_code
+
+
+def run_config(args: argparse.Namespace):
+    """The config file with the overrides and the --output-dir/--steps flags, validated again."""
     from services.cli.config_file import load_config
 
     cfg = load_config(args.config, getattr(args, "overrides", None) or ())
@@ -55,7 +81,11 @@ def main(args: argparse.Namespace) -> int:
         trainer_over["steps"] = args.steps
     if trainer_over:
         cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update=trainer_over)})
-    cfg = type(cfg).model_validate(cfg.model_dump())  # re-check bounds after the overrides
+    return type(cfg).model_validate(cfg.model_dump())  # re-check bounds after the overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = run_config(args)
     out = Path(cfg.trainer.output_dir)
     t0 = time.monotonic()
 
@@ -74,33 +104,37 @@ def main(args: argparse.Namespace) -> int:
     threads_alone = cfg.rollout.torch_threads
     if parallel:  # two runs share the cores: one generation thread each (until one of them ends)
         cfg, base = single_threaded(cfg), single_threaded(base)
+    base_out = out / f"compare-{args.compare}"
+    mode = {"resume": args.resume, "overwrite": getattr(args, "overwrite", False)}
+    # before anything starts: a missing checkpoint is an error now, not after the warm start
+    run_id, base_id = (run_id_for(c, o, args.resume) if c is not None else None for c, o in ((cfg, out), (base, base_out)))
     model_path, warm = prepare_model(cfg, progress=not args.no_progress)
     runs = {}
     if backend == "local":
         from services.backends.in_process import LocalSystem
 
-        make_system = lambda: LocalSystem(cfg, model_path, threads=getattr(args, "threads", None))  # noqa: E731
+        make_system = lambda: LocalSystem(cfg, model_path, threads=getattr(args, "threads", None), run_id=run_id)  # noqa: E731
     else:
-        make_system = lambda: System(cfg, model_path, quiet=not args.verbose)  # noqa: E731
+        make_system = lambda: System(cfg, model_path, quiet=not args.verbose, run_id=run_id)  # noqa: E731
     progress = not args.no_progress
     with make_system() as system:
         if parallel:
             from concurrent.futures import ThreadPoolExecutor
 
-            sibling = system.sibling(base)
+            sibling = system.sibling(base, run_id=base_id)
             try:
                 with ThreadPoolExecutor(2) as pool:
-                    main_run = pool.submit(run_one, cfg, system, out, args.resume, progress, 0)
-                    base_run = pool.submit(run_one, base, sibling, out / f"compare-{args.compare}", args.resume, progress, 1)
+                    main_run = pool.submit(run_one, cfg, system, out, mode, progress, 0)
+                    base_run = pool.submit(run_one, base, sibling, base_out, mode, progress, 1)
                     hand_over_threads({main_run: sibling, base_run: system}, threads_alone)
                     runs[cfg.algorithm.type], runs[args.compare] = main_run.result(), base_run.result()
             finally:
                 sibling.close()
         else:
-            runs[cfg.algorithm.type] = run_one(cfg, system, out, args.resume, progress)
+            runs[cfg.algorithm.type] = run_one(cfg, system, out, mode, progress)
             if base is not None:
-                system.restart_policy_side(base)
-                runs[args.compare] = run_one(base, system, out / f"compare-{args.compare}", args.resume, progress)
+                system.restart_policy_side(base, run_id=base_id)
+                runs[args.compare] = run_one(base, system, base_out, mode, progress)
     finish(cfg, out, runs, warm, time.monotonic() - t0)
     return 0
 
@@ -175,7 +209,22 @@ def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
     return str(warm), info
 
 
-def run_one(cfg, system, out: Path, resume: bool, progress: bool, position: int = 0) -> dict:
+def run_id_for(cfg, out: Path, resume: bool) -> str:
+    """The controller's run id: the checkpoint's when resuming (its state is keyed by it), a new
+    one for a fresh run (an earlier run's Redis state under the same run_name stays its own)."""
+    from services.backends.ray_cluster import new_run_id
+    from services.loop import checkpoint
+
+    if not resume:
+        return new_run_id(cfg.run_name)
+    saved = checkpoint.saved_run_id(out)
+    if saved is None:
+        raise checkpoint.NoCheckpoint(f"nothing to resume in {out}: no intact checkpoint under {checkpoint.checkpoint_root(out)} "
+                                      f"(the run checkpoints every {cfg.trainer.save_every} steps); start it again with --overwrite")
+    return saved
+
+
+def run_one(cfg, system, out: Path, mode: dict, progress: bool, position: int = 0) -> dict:
     from services.data.datasets import load_items
     from services.loop.trainer import Trainer
     from services.loop.metrics import RunMetrics
@@ -185,7 +234,7 @@ def run_one(cfg, system, out: Path, resume: bool, progress: bool, position: int 
     try:
         trainer = Trainer(cfg, system.components(metrics), train_items, eval_items, out, progress=progress,
                           progress_position=position)
-        trainer.fit(resume=resume)
+        trainer.fit(**mode)
     finally:
         metrics.close()
     return {"dir": out, "rows": trainer.log.rows(), "summary": json.loads((out / "summary.json").read_text())}

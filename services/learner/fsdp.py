@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import math
+import os
 from typing import Callable
 
 import torch
@@ -131,6 +132,28 @@ def save_sharded(model, optimizer, path: str) -> None:
 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+
+
+def save_rank_state(path: str, rank: int, generator: torch.Generator) -> dict[str, int]:
+    """This rank's RNGs beside its shards, then fsync of every file the rank wrote; returns
+    {file name: bytes} of them (DCP names a rank's shards __<rank>_<n>.distcp; rank 0 also
+    writes .metadata)."""
+    from services.loop.durable import fsync_files
+
+    torch.save({"generator": generator.get_state(), "torch": torch.get_rng_state()}, os.path.join(path, f"rng_rank{rank}.pt"))
+    mine = [f for f in os.listdir(path) if f.startswith(f"__{rank}_") or f == f"rng_rank{rank}.pt"
+            or (rank == 0 and f == ".metadata")]
+    return fsync_files(path, mine)
+
+
+def load_rank_state(path: str, rank: int, generator: torch.Generator) -> None:
+    """Restore what `save_rank_state` wrote; a rank without a file of its own (the world size
+    changed) keeps its seeded generator."""
+    rng = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.exists(rng):
+        saved = torch.load(rng)
+        generator.set_state(saved["generator"])
+        torch.set_rng_state(saved["torch"])
 
 
 def load_sharded(model, optimizer, path: str) -> None:

@@ -8,7 +8,10 @@ from typing import Any
 import torch
 
 from controller.client import ControllerClient
+from services.backends.remote import wait_all
 from services.config import AlgorithmConfig, LearnerConfig
+from services.config import RecoveryConfig
+from services.contracts import RoleTimeout
 from services.learner.batch import TrainBatch, shard_batch, shard_for_ranks
 from services.learner.worker import LearnerWorker
 
@@ -25,17 +28,23 @@ def _resolve_device(cfg: LearnerConfig) -> str:
 class LearnerGroup:
     """`cfg.num_workers` LearnerWorker actors in one placement group, forming one process group."""
 
-    def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AlgorithmConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AlgorithmConfig, seed: int = 0,
+                 recovery: RecoveryConfig | None = None):
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg, self.world_size = cfg, cfg.num_workers
+        self.recovery = rc = recovery or RecoveryConfig()
         self.device = _resolve_device(cfg)
         gpus = 1 if self.device == "cuda" else 0
         bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})}
         self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=cfg.placement_strategy)
-        ray.get(self.pg.ready())
+        self.workers = []
+        if not self.pg.wait(timeout_seconds=rc.start_timeout_s):
+            remove_pg(self.pg)
+            raise RoleTimeout("learner", f"placement group of {self.world_size} x {bundle} not placed within "
+                              f"{rc.start_timeout_s:g} s; the cluster has {ray.cluster_resources()}")
         remote_cls = ray.remote(LearnerWorker)
         self.workers = [
             remote_cls.options(
@@ -47,18 +56,17 @@ class LearnerGroup:
         ]
         # rank 0's node hosts the rendezvous: its IP (127.0.0.1 on a loopback-only cluster) and a
         # port that is free there
-        addr, port = ray.get(self.workers[0].master_address.remote())
-        ray.get([w.setup.remote(addr, port) for w in self.workers])
-        self.compute = ray.get(self.workers[0].compute_info.remote())
+        (addr, port), = wait_all([self.workers[0].master_address.remote()], rc.start_timeout_s, "learner", "rank 0's address")
+        wait_all([w.setup.remote(addr, port, rc.collective_timeout_s) for w in self.workers], rc.start_timeout_s,
+                 "learner", "learners joining the process group and loading the model")
+        self.compute = self._fan_out("compute_info")[0]
 
-    def _fan_out(self, method: str, *per_rank_args) -> list[Any]:
-        import ray
-
+    def _fan_out(self, method: str, *per_rank_args, timeout_s: float | None = None) -> list[Any]:
         if per_rank_args:
             refs = [getattr(w, method).remote(*args) for w, args in zip(self.workers, zip(*per_rank_args))]
         else:
             refs = [getattr(w, method).remote() for w in self.workers]
-        return ray.get(refs)
+        return wait_all(refs, timeout_s or self.recovery.learner_timeout_s, "learner", f"learners: {method}")
 
     def update(
         self, batch: TrainBatch, step: int | None = None, controller: ControllerClient | None = None
@@ -84,8 +92,11 @@ class LearnerGroup:
         import ray
 
         refs = [w.full_state_dict_wire.remote() for w in self.workers]
-        ray.get(refs[1:])  # the others only take part in the gather
-        ray.wait(refs[:1])
+        # the others only take part in the gather; rank 0's result stays in the object store
+        wait_all(refs[1:], self.recovery.sync_timeout_s, "learner", "learners: gathering the weights")
+        ready, _ = ray.wait(refs[:1], timeout=self.recovery.sync_timeout_s, fetch_local=False)
+        if not ready:
+            raise RoleTimeout("learner", f"rank 0 did not gather the weights within {self.recovery.sync_timeout_s:g} s")
         return refs[0]
 
     def get_full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -94,26 +105,47 @@ class LearnerGroup:
 
         from services.backends.wire import from_wire
 
-        return {k: v.clone() for k, v in from_wire(ray.get(self.state_dict_ref())).items()}
+        (sd,) = wait_all([self.state_dict_ref()], self.recovery.sync_timeout_s, "learner", "fetching the weights")
+        return {k: v.clone() for k, v in from_wire(sd).items()}
 
-    def save_checkpoint(self, path: str) -> None:
-        """Sharded model + optimizer state under `path` (a directory every worker can reach)."""
+    def save_checkpoint(self, path: str) -> dict[str, int]:
+        """Sharded model + optimizer state under `path` (a directory every worker can reach); every
+        rank fsyncs what it wrote. Returns {file: bytes} of every rank's files, for the manifest."""
         # absolute: the workers' working directories are Ray's, not the driver's
-        self._fan_out("save_checkpoint", [os.path.abspath(path)] * self.world_size)
+        written: dict[str, int] = {}
+        for files in self._fan_out("save_checkpoint", [os.path.abspath(path)] * self.world_size):
+            written.update(files)
+        return written
 
     def load_checkpoint(self, path: str) -> None:
         """Restore model + optimizer state saved by `save_checkpoint`."""
         self._fan_out("load_checkpoint", [os.path.abspath(path)] * self.world_size)
 
+    def pids(self) -> list[int]:
+        """Each rank's process id (the chaos run kills one)."""
+        return self._fan_out("pid", timeout_s=60.0)
+
     def shutdown(self) -> None:
         """Leave the process group, end the actors, free the placement group."""
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
         try:
-            self._fan_out("shutdown")
+            self._fan_out("shutdown", timeout_s=60.0)
         finally:
-            for w in self.workers:
-                ray.kill(w)
-            remove_placement_group(self.pg)
-            self.workers = []
+            self.abort()
+
+    def abort(self) -> None:
+        """End the actors without asking them (a rank may be dead or stuck in a collective)."""
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        remove_pg(self.pg)
+        self.workers = []
+
+
+def remove_pg(pg) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001 - already gone
+        pass

@@ -23,11 +23,23 @@ from services import algorithm as alg
 from services.config import AlgorithmConfig, LearnerConfig
 from services.backends.network import free_port
 from services.learner.batch import TrainBatch, length_order, micro_batches
-from services.learner.fsdp import (build_fsdp_model, has_dropout, hold_full_params, load_sharded, make_adamw, optimizer_step,
-                                   reshard, save_sharded, sync_on_last, token_ids)
+from services.learner.fsdp import (build_fsdp_model, has_dropout, hold_full_params, load_rank_state, load_sharded, make_adamw,
+                                   optimizer_step, reshard, save_rank_state, save_sharded, sync_on_last, token_ids)
 from services.learner.gather import gather_full_state
 from services.learner.prefix import layered_cache_supported, shared_prefix_logits
 from services.learner.stats import entropy_stats, finish_stats, irrelevant_entropy
+
+
+def _publish(controller: ControllerClient, step: int | None, stats: dict) -> None:
+    """Rank 0 tells the controller the step's entropy. A failure is reported in `stats`
+    (`publish_error`), never raised: the other ranks are mid-update and would wait on this one in
+    their next collective; the driver restores the controller and publishes again."""
+    if step is None:
+        raise ValueError("publishing entropy needs the step it belongs to")
+    try:
+        publish_entropy(controller, step, stats)
+    except Exception as exc:  # noqa: BLE001
+        stats["publish_error"] = f"{type(exc).__name__}: {exc}"
 
 
 class LearnerWorker:
@@ -60,14 +72,17 @@ class LearnerWorker:
         node_ip = ray.util.get_node_ip_address()
         return node_ip, free_port(node_ip)
 
-    def setup(self, master_addr: str, master_port: int) -> None:
+    def pid(self) -> int:  # the chaos run kills it
+        return os.getpid()
+
+    def setup(self, master_addr: str, master_port: int, timeout_s: float = 1800.0) -> None:
         """Join the process group, load the model, shard it with FSDP2, make the optimizer."""
         from services.backends.network import join_process_group
 
         if master_addr.startswith("127."):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback-only clusters (CI)
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        join_process_group(backend, master_addr, master_port, self.rank, self.world_size)
+        join_process_group(backend, master_addr, master_port, self.rank, self.world_size, timeout_s)
         self.model = build_fsdp_model(self.model_path, self.cfg, self.device, self.seed)
         self.optimizer = make_adamw(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.irrelevant_ids = token_ids(self.model_path, self.cfg.entropy_analysis.irrelevant_tokens or [])
@@ -150,9 +165,7 @@ class LearnerWorker:
                                        vocab_size=self.vocab_size, has_irrelevant=bool(self.irrelevant_ids),
                                        all_reduce=self._all_reduce))
             if controller is not None and self.rank == 0:
-                if step is None:
-                    raise ValueError("publishing entropy needs the step it belongs to")
-                publish_entropy(controller, step, stats)
+                _publish(controller, step, stats)
 
         if M == 1 and self.cfg.fuse_scoring and not has_dropout(self.model):
             # On-policy: the behaviour policy is the current one, so its log-probs and entropy
@@ -264,13 +277,16 @@ class LearnerWorker:
 
         return to_wire(self.full_state_dict())
 
-    def save_checkpoint(self, path: str) -> None:
-        """Sharded model + optimizer state (every rank writes its shard)."""
+    def save_checkpoint(self, path: str) -> dict[str, int]:
+        """Sharded model + optimizer state and this rank's RNGs (Clip-Cov's generator, torch's);
+        returns {file name: bytes} of the files this rank wrote, fsynced, for the driver's manifest."""
         save_sharded(self.model, self.optimizer, path)
+        return save_rank_state(path, self.rank, self.generator)
 
     def load_checkpoint(self, path: str) -> None:
         """Load what `save_checkpoint` wrote (same world size or not: DCP reshards)."""
         load_sharded(self.model, self.optimizer, path)
+        load_rank_state(path, self.rank, self.generator)
 
     def shutdown(self) -> None:
         """Leave the process group."""

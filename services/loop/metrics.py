@@ -49,7 +49,15 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("aepo_weight_sync_seconds", "gauge", "Seconds to push new weights to the rollout engines."),
     MetricSpec("aepo_step_seconds", "gauge", "Wall seconds of the last step."),
     MetricSpec("aepo_phase_seconds", "gauge", "Wall seconds of each phase of the last step.", ("run_id", "phase")),
-    MetricSpec("aepo_reward_failures_total", "counter", "Samples whose verification timed out or errored.", ("run_id", "outcome")),
+    MetricSpec(
+        "aepo_reward_failures_total", "counter",
+        "Samples whose verification still timed out or errored after one re-verification.", ("run_id", "outcome"),
+    ),
+    MetricSpec("aepo_reward_reverified_total", "counter", "Samples verified a second time after a timeout or error."),
+    MetricSpec(
+        "aepo_reward_masked_total", "counter",
+        "Samples left out of the update and of their group's advantage statistics for want of a verdict.",
+    ),
     MetricSpec(
         "aepo_token_entropy", "gauge",
         "Token-mean entropy at T=1 of the GRPO batch by kind: irrelevant + content = the mean (the reward-ignored "
@@ -148,6 +156,9 @@ class RunMetrics:
         for outcome, n in (row.get("reward_failures") or {}).items():
             if n:
                 self.inc("aepo_reward_failures_total", n, outcome=outcome)
+        for key, name in (("reward_reverified", "aepo_reward_reverified_total"), ("reward_masked", "aepo_reward_masked_total")):
+            if row.get(key):
+                self.inc(name, row[key])
         for kind, value in (row.get("token_entropy") or {}).items():
             if value is not None:
                 self.set("aepo_token_entropy", value, kind=kind)

@@ -8,8 +8,45 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable
+
+from services.loop import durable
+
+
+# what a run writes into its output directory: a fresh run refuses to start over any of them
+# (services/loop/trainer.py), and --overwrite deletes exactly these, nothing else. The loggers'
+# folders (tensorboard/, wandb/) are not among them: each writer adds files of its own there.
+RUN_FILES = frozenset({"metrics.jsonl", "eval.jsonl", "samples.jsonl", "events.jsonl", "summary.json", "entropy.png",
+                       "checkpoints", "policy"})
+
+
+class RunDirNotEmpty(FileExistsError):
+    """A fresh run would mix its logs with an earlier run's."""
+
+
+def claim_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """A fresh run starts in a directory without an earlier run's files, or (`overwrite`) deletes them."""
+    found = sorted(p.name for p in Path(output_dir).iterdir() if p.name in RUN_FILES)
+    if found and not overwrite:
+        raise RunDirNotEmpty(
+            f"{output_dir} already holds a run ({', '.join(found)}): continue it with --resume, "
+            "start over with --overwrite (deletes those files), or choose another --output-dir")
+    for name in found:
+        target = Path(output_dir) / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
+# every field of a metrics row that measures time or speed: two runs of the same config on the
+# same seeds agree on everything else, bit for bit (the resume test and the chaos run compare so)
+TIMING_FIELDS = frozenset({"time", "step_seconds", "step_overhead", "rollout_tokens_per_s", "learner_tokens_per_s",
+                           "weight_sync_seconds"})
+
+
+def comparable(row: dict) -> dict:
+    """`row` without its timing fields."""
+    return {k: v for k, v in row.items() if k not in TIMING_FIELDS}
 
 
 class MetricsLog:
@@ -35,8 +72,17 @@ class MetricsLog:
         """Keep rows with row['step'] <= step (used when resuming from a checkpoint at `step`)."""
         kept = [r for r in self.rows() if r["step"] <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        with tmp.open("w") as fh:
+            fh.write("".join(json.dumps(r) + "\n" for r in kept))
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)
+        durable.fsync_dir(self.path.parent)
+
+    def last_step(self) -> int | None:
+        """The step of the last intact row (None when there is none)."""
+        rows = self.rows()
+        return rows[-1]["step"] if rows else None
 
     def append(self, row: dict) -> None:
         with self.path.open("a") as fh:
@@ -90,10 +136,8 @@ def _mean(values: Iterable) -> float | None:
 
 
 def write_json(path: str | Path, obj: dict) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Atomic and durable (services/loop/durable.py)."""
+    durable.write_json(path, obj)
 
 
 def plot_entropy(runs: dict[str, list[dict]], path: str | Path) -> Path:

@@ -16,12 +16,18 @@ components are reached through the protocols of services/contracts.py, so the lo
 with fakes (tests/services/loop/test_trainer.py) and runs on Ray actors in production
 (services/backends/ray_cluster.py). Steps 4-5 are services/loop/steps.py; step 9 is
 services/loop/evaluation.py and services/loop/checkpoint.py.
+
+Failures: every wait on a role has a timeout and the step watchdog names the role a step waits
+on (services/loop/watchdog.py); a role that fails is mended in place or replaced with a rollback
+to the latest checkpoint (services/loop/recovery.py); SIGTERM/SIGINT end the run after a
+checkpoint (services/loop/interrupt.py).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,10 +35,12 @@ from services.config import AEPOConfig, TrainConfig
 from services.contracts import Components, Sample
 from services.data.datasets import PromptItem, PromptStream
 from services.learner.batch import TrainBatch
-from services.loop import checkpoint, evaluation
-from services.loop.outputs import MetricsLog, plot_entropy, summarize, write_json
+from services.contracts import RoleFailure
+from services.loop import checkpoint, evaluation, interrupt, recovery
+from services.loop.outputs import MetricsLog, RunDirNotEmpty, claim_output_dir, plot_entropy, summarize, write_json  # noqa: F401
 from services.loop.tracking import make_loggers
 from services.loop.steps import assemble, step_row, step_seed, verify
+from services.loop.watchdog import Watchdog
 
 
 @dataclass
@@ -53,6 +61,13 @@ class Trainer:
     policy_version: int = 0
     step: int = 0
     _prompt_ids: dict[str, list[int]] = field(default_factory=dict)
+    # failing and coming back (services/loop/recovery.py)
+    recoveries: dict[str, int] = field(default_factory=dict)  # rollbacks per failed role
+    controller_restores: int = 0
+    controller_copy: dict | None = None  # the controller's state after the last complete step
+    initial_state: dict | None = None  # the driver's state at step 0 (a rollback before any checkpoint)
+    step_planned: bool = False  # the current step's plan / entropy reached the controller
+    step_stats: dict | None = None
 
     def __post_init__(self) -> None:
         self.output_dir = Path(self.output_dir)
@@ -61,8 +76,11 @@ class Trainer:
         self.log = MetricsLog(self.output_dir / "metrics.jsonl")
         self.eval_log = MetricsLog(self.output_dir / "eval.jsonl")
         self.sample_log = MetricsLog(self.output_dir / "samples.jsonl")
+        self.event_log = MetricsLog(self.output_dir / "events.jsonl")
         self.loggers = make_loggers(self.cfg.trainer.loggers, self.output_dir, self.cfg.run_name,
                                     self.cfg.model_dump(mode="json"))
+        self.watchdog: Watchdog | None = None
+        self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ helpers
     def encoded(self, items: list[PromptItem]) -> list[tuple[PromptItem, list[int]]]:
@@ -85,47 +103,65 @@ class Trainer:
         t_step = time.monotonic()
         timings: dict[str, float] = {}
         G = cfg.rollout.group_size
+        self.step_planned, self.step_stats = False, None
         prompts = self.encoded(self.stream.next_batch())  # 1
 
         t = time.monotonic()  # 2 + 3: the rollout service asks the controller for the plan itself
         reg_prompts = []
         if isinstance(cfg.algorithm, AEPOConfig):  # the reference draws it from the first quarter
             reg_prompts = prompts[: max(1, math.ceil(len(prompts) * cfg.algorithm.prompt_share))]
-        grpo, reg, plan = parts.rollout.generate_step(step, prompts, reg_prompts, G, step_seed(cfg.trainer.seed, step, 1))
+        with self._phase("rollout", "generating the step's batches"):
+            grpo, reg, plan = recovery.with_controller(self, lambda: parts.rollout.generate_step(
+                step, prompts, reg_prompts, G, step_seed(cfg.trainer.seed, step, 1)), planned=False, stats=None)
+        self.step_planned = bool(reg_prompts)
         timings["rollout"] = time.monotonic() - t
         self.decode(grpo + reg)
 
         t = time.monotonic()  # 4
-        failures = verify(parts.reward, grpo + reg, step, "all")
+        with self._phase("reward", "verifying the step's samples"):
+            failures = verify(parts.reward, grpo + reg, step, "all")
         timings["reward"] = time.monotonic() - t
 
         t = time.monotonic()  # 5
         rows, batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)), parts.tokenizer.pad_id,
-                                    float(plan.get("weight", 1.0)))
+                                    float(plan.get("weight", 1.0)), step=step)
         timings["controller"] = time.monotonic() - t
 
         t = time.monotonic()  # 6 + 7: the learners publish the step's entropy (and rows kept) to the controller
-        stats = parts.learner.update(batch, step)
+        with self._phase("learner", "the policy update"):
+            stats = parts.learner.update(batch, step)
+        self.step_stats = stats
+        if stats.pop("publish_error", None) is not None:  # the controller restarted mid-publish
+            recovery.restore_controller(self, self.step_planned, stats)
         timings["learner"] = time.monotonic() - t
         self._log_samples(step, grpo, rows, batch)  # after the update: a crashed step leaves no trace
 
         t = time.monotonic()  # 8
+        with self._phase("learner", "weight sync to the rollout engines"):
+            timings["weight_sync"] = parts.rollout.load_weights(self.policy_version + 1, parts.learner.full_weights())
         self.policy_version += 1
-        timings["weight_sync"] = parts.rollout.load_weights(self.policy_version, parts.learner.full_weights())
         timings["weight_sync_total"] = time.monotonic() - t
+        recovery.take_controller_copy(self)
 
         row = step_row(cfg, step, self.policy_version, grpo, reg, plan, sel, stats, failures, timings)
         self.step += 1
+        self.step_planned, self.step_stats = False, None
         return self._finish_row(row, timings, t_step)
+
+    def _phase(self, role: str, what: str):
+        return self.watchdog.phase(self.step, role, what) if self.watchdog is not None else nullcontext()
 
     def _finish_row(self, row: dict, timings: dict, t_step: float) -> dict:
         t = time.monotonic()
         if self._due(self.cfg.trainer.eval_every):
-            row.update(self.evaluate(self.step))
+            with self._phase("rollout", "held-out evaluation"):
+                row.update(self.evaluate(self.step))
         timings["eval"] = time.monotonic() - t
         t = time.monotonic()
-        if self._due(self.cfg.trainer.save_every):
-            self.save_checkpoint()
+        if self._checkpoint_due():
+            # the row goes into the checkpoint: a kill before it reaches metrics.jsonl loses nothing
+            with self._phase("learner", "writing a checkpoint"):
+                self.save_checkpoint(row=_json_safe({**row, "time": {k: round(v, 4) for k, v in timings.items()}}))
         timings["checkpoint"] = time.monotonic() - t
         row["time"] = {k: round(v, 4) for k, v in timings.items()}
         row["step_seconds"] = time.monotonic() - t_step
@@ -138,6 +174,10 @@ class Trainer:
         if self.parts.metrics is not None:
             self.parts.metrics.record_step(row)
         return row
+
+    def _checkpoint_due(self) -> bool:
+        every_s = self.cfg.trainer.save_every_seconds
+        return self._due(self.cfg.trainer.save_every) or (every_s > 0 and time.monotonic() - self._last_save >= every_s)
 
     def _due(self, every: int) -> bool:
         last = self.step == self.cfg.trainer.steps
@@ -165,9 +205,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def save_checkpoint(self) -> Path:
-        """Model + optimizer (sharded, by the learners), data position, RNG and controller state."""
-        return checkpoint.save(self)
+    def save_checkpoint(self, row: dict | None = None) -> Path:
+        """Model + optimizer (sharded, by the learners), data position, RNG and controller state,
+        and `row`, the metrics row of the last step (services/loop/checkpoint.py)."""
+        path = checkpoint.save(self, row)
+        self._last_save = time.monotonic()
+        return path
 
     def resume(self) -> bool:
         """Continue from the latest complete checkpoint; False when there is none."""
@@ -187,30 +230,60 @@ class Trainer:
         return {"policy_dir": str(path), "export_seconds": round(time.monotonic() - t, 2)}
 
     # ------------------------------------------------------------------ the loop
-    def fit(self, resume: bool = False) -> dict:
-        """Evaluate the start, run the remaining steps, write summary.json and entropy.png; returns the summary."""
-        resumed = self.resume() if resume else False
-        if not resumed and self.step == 0 and self.cfg.trainer.eval_every >= 0 and self.eval_items:
-            before = self.evaluate(0)
+    def fit(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Evaluate the start, run the remaining steps, write summary.json and entropy.png; returns the summary.
+
+        `resume`: continue from the newest intact checkpoint (an error when there is none);
+        otherwise the output directory must hold no earlier run, unless `overwrite` clears it."""
+        if resume:
+            if not self.resume():
+                raise checkpoint.NoCheckpoint(
+                    f"nothing to resume in {self.output_dir}: no intact checkpoint under {checkpoint.checkpoint_root(self.output_dir)} "
+                    f"(the run checkpoints every {self.cfg.trainer.save_every} steps); start it again with --overwrite")
         else:
-            before = None
+            claim_output_dir(self.output_dir, overwrite)
+        before = self.evaluate(0) if not resume and self.eval_items else None
+        if not resume:
+            self.initial_state = checkpoint.snapshot(self)  # what a rollback before the first checkpoint restores
+        recovery.take_controller_copy(self)
         bar = _progress(self.cfg.trainer.steps, self.step, self.cfg.run_name, self.progress, self.progress_position)
+        self.watchdog = Watchdog(self.cfg.recovery.watchdog_s, report=_reporter(bar))
         try:
-            while self.step < self.cfg.trainer.steps:
-                row = self.train_step()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(_postfix(row), refresh=False)
+            self._loop(bar)
         finally:
+            self.watchdog.close()
             if bar is not None:
                 bar.close()
             for logger in self.loggers:
                 logger.close()
+        return self._summary(resume, before)
+
+    def _loop(self, bar) -> None:
+        while self.step < self.cfg.trainer.steps:
+            try:
+                row = self.train_step()
+            except RoleFailure as failure:
+                recovery.roll_back(self, failure)
+                if bar is not None:
+                    bar.n = self.step
+                    bar.refresh()
+                continue
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(_postfix(row), refresh=False)
+            signum = interrupt.requested()
+            if signum is not None and self.step < self.cfg.trainer.steps:
+                latest = checkpoint.latest_intact(self.output_dir)
+                path = latest[0] if latest and latest[1]["step"] == self.step else self.save_checkpoint(row=row)
+                recovery.record(self, {"event": "interrupted", "signal": signum, "checkpoint": path.name})
+                raise interrupt.Interrupted(signum, self.step, str(path))
+
+    def _summary(self, resumed: bool, before: dict | None) -> dict:
         rows = self.log.rows()
         evals = self.eval_log.rows()
         exported = self.export_policy()
         extra = {"run_name": self.cfg.run_name, "output_dir": str(self.output_dir), "resumed": resumed,
-                 "learner_compute": getattr(self.parts.learner, "compute", None), **exported}
+                 "learner_compute": getattr(self.parts.learner, "compute", None), **exported, **recovery.counts(self)}
         if evals:
             extra["eval_before"] = before or evals[0]
             extra["eval_after"] = evals[-1]
@@ -218,6 +291,15 @@ class Trainer:
         write_json(self.output_dir / "summary.json", summary)
         plot_entropy({self.cfg.algorithm.type: rows}, self.output_dir / "entropy.png")
         return summary
+
+
+def _reporter(bar):
+    """The watchdog's voice: above the progress bar when there is one."""
+    if bar is None:
+        return None
+    from tqdm import tqdm
+
+    return lambda msg: tqdm.write(msg)
 
 
 def _progress(total: int, start: int, name: str, enabled: bool, position: int = 0):

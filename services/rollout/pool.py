@@ -1,13 +1,26 @@
-"""The rollout pool (driver side): `num_actors` RolloutService Ray actors; prompts split, weights broadcast."""
+"""The rollout pool (driver side): `num_actors` RolloutService Ray actors; prompts split, weights broadcast.
+
+An actor that dies is restarted by Ray and, before it serves again, re-synced by the pool to the
+weights of the current policy version (the pool holds a reference to them); its share of the
+call is then run again with the same seed, so the samples are the ones it would have drawn.
+Every sample's `policy_version` is checked against the pool's: an engine that serves other
+weights than the driver's is an error, never a silent off-policy batch.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
+from services.backends.remote import get_one, wait_all
 from services.config import RolloutConfig
 from services.contracts import Sample
+from services.config import RecoveryConfig
+from services.contracts import RoleFailure, RoleTimeout
 from services.rollout.service import RolloutResult, RolloutService, SamplingRequest
+
+log = logging.getLogger("aepo")
 
 
 def rollout_resources(cfg: RolloutConfig) -> dict[str, float]:
@@ -28,36 +41,80 @@ def _split(items: Sequence, k: int) -> list[Sequence]:
 class RolloutPool:
     """`cfg.num_actors` RolloutService actors; prompts are split across them, weights broadcast."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, recovery: RecoveryConfig | None = None):
+        self.cfg, self.model_path, self.seed = cfg, model_path, seed
+        self.recovery = recovery or RecoveryConfig()
+        self.version, self._weights = 0, None  # what a restarted actor is re-synced to
+        self.restarts = 0  # actors revived in place (restarted by Ray, re-synced)
+        self.actors = [self._spawn(i) for i in range(cfg.num_actors)]
+        wait_all([a.ready.remote() for a in self.actors], self.recovery.start_timeout_s, "rollout", "rollout actors starting")
+
+    def _spawn(self, i: int):
         import ray
 
-        self.cfg = cfg
-        remote_cls = ray.remote(RolloutService)
-        self.actors = [
-            remote_cls.options(**rollout_resources(cfg)).remote(model_path, cfg, seed + i, cfg.torch_threads or max(1, int(cfg.cpus_per_actor)))
-            for i in range(cfg.num_actors)
-        ]
-        ray.get([a.ready.remote() for a in self.actors])
+        # Ray restarts a crashed actor; its calls are not retried by Ray (the pool re-syncs first)
+        return ray.remote(RolloutService).options(
+            max_restarts=max(1, self.recovery.max_recoveries), max_task_retries=0, **rollout_resources(self.cfg),
+        ).remote(self.model_path, self.cfg, self.seed + i, self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
 
     def generate_many(self, requests: Sequence[SamplingRequest], seed: int | None = None) -> RolloutResult:
         """Each request's prompts split contiguously across actors; results merged in order."""
-        import ray
-
         k = len(self.actors)
         per_actor = [[] for _ in range(k)]
         for req in requests:
             for a, chunk in enumerate(_split(list(req.prompts), k)):
                 per_actor[a].append(SamplingRequest(chunk, req.n, req.temperature, req.top_p, req.max_tokens))
         t0 = time.perf_counter()
-        results = ray.get(
-            [actor.generate_many.remote(reqs, None if seed is None else seed + 7919 * a)
-             for a, (actor, reqs) in enumerate(zip(self.actors, per_actor))]
-        )
+        results = [self._call(a, "generate_many", reqs, None if seed is None else seed + 7919 * a, defer=True)
+                   for a, reqs in enumerate(per_actor)]
+        results = [self._finish(a, r) for a, r in enumerate(results)]
         wall = time.perf_counter() - t0
         merged = [[s for res in results for s in res.samples[i]] for i in range(len(requests))]
+        self._check_versions(merged)
         tokens = sum(res.stats["gen_tokens"] for res in results)
         stats = {"gen_s": wall, "gen_tokens": tokens, "gen_tokens_per_s": tokens / max(wall, 1e-9)}
         return RolloutResult(merged, stats)
+
+    def _call(self, a: int, method: str, *args, defer: bool = False):
+        """Call actor `a`; `defer`: return a pending call for `_finish` (so actors run at once)."""
+        pending = (method, args, getattr(self.actors[a], method).remote(*args))
+        return pending if defer else self._finish(a, pending)
+
+    def _finish(self, a: int, pending) -> Any:
+        """The pending call's result; a dead or hung actor is revived (re-synced) and asked again, once."""
+        method, args, ref = pending
+        timeout = self.recovery.sync_timeout_s if method == "load_weights" else self.recovery.rollout_timeout_s
+        try:
+            return get_one(ref, timeout, "rollout", f"rollout actor {a}: {method}")
+        except RoleFailure as exc:
+            log.warning("rollout actor %d failed (%s); reviving it on policy version %d", a, exc, self.version)
+            if isinstance(exc, RoleTimeout):  # hung: a restart is the only way to get it back
+                import ray
+
+                ray.kill(self.actors[a], no_restart=False)
+            self._revive(a)
+            return get_one(getattr(self.actors[a], method).remote(*args), timeout, "rollout",
+                           f"rollout actor {a}: {method} (after a restart)")
+
+    def _revive(self, a: int) -> None:
+        """Actor `a` restarted (by Ray, or here when it is beyond restarting) and on the current weights."""
+        import ray
+
+        try:
+            get_one(self.actors[a].ready.remote(), self.recovery.start_timeout_s, "rollout", f"rollout actor {a} restarting")
+        except RoleFailure:  # hung, or out of restarts: replace it
+            ray.kill(self.actors[a], no_restart=True)
+            self.actors[a] = self._spawn(a)
+            get_one(self.actors[a].ready.remote(), self.recovery.start_timeout_s, "rollout", f"rollout actor {a} replaced")
+        if self._weights is not None:
+            get_one(self.actors[a].load_weights.remote(self.version, self._weights), self.recovery.sync_timeout_s,
+                    "rollout", f"rollout actor {a}: re-sync to policy version {self.version}")
+        self.restarts += 1
+
+    def _check_versions(self, batches: list[list[Sample]]) -> None:
+        stale = {s.policy_version for batch in batches for s in batch if s.policy_version != self.version}
+        if stale:
+            raise RoleFailure("rollout", f"samples drawn with policy version(s) {sorted(stale)}, the driver's is {self.version}")
 
     def generate(self, prompts, n: int, temperature: float, seed=None, *, top_p=None, max_tokens=None) -> list[Sample]:
         """`RolloutService.generate` across the pool."""
@@ -65,28 +122,37 @@ class RolloutPool:
 
     def set_threads(self, threads: int) -> list[int]:
         """`RolloutService.set_threads` on every actor."""
-        import ray
-
-        return ray.get([a.set_threads.remote(threads) for a in self.actors])
+        return wait_all([a.set_threads.remote(threads) for a in self.actors], self.recovery.controller_timeout_s,
+                        "rollout", "set_threads")
 
     def load_weights(self, version: int, weights) -> dict[str, float]:
-        """Broadcast weights (a state dict or an ObjectRef to one) to every actor; returns sync stats."""
+        """Broadcast weights (a state dict or an ObjectRef to one) to every actor; returns sync stats.
+        The pool keeps the reference, to re-sync an actor that restarts later."""
         import ray
 
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         t0 = time.perf_counter()
-        per_actor = ray.get([a.load_weights.remote(version, ref) for a in self.actors])
+        pending = [self._call(a, "load_weights", version, ref, defer=True) for a in range(len(self.actors))]
+        self.version, self._weights = int(version), ref  # an actor revived below must get these weights
+        per_actor = [self._finish(a, p) for a, p in enumerate(pending)]
         return {
             "sync_s": time.perf_counter() - t0,
             "engine_sync_s": max(r["sync_s"] for r in per_actor),
             "policy_version": float(version),
         }
 
+    def pids(self) -> list[int]:
+        """The actors' process ids (the chaos run kills one)."""
+        return wait_all([a.pid.remote() for a in self.actors], self.recovery.controller_timeout_s, "rollout", "pid")
+
     def shutdown(self) -> None:
-        """Close the engines and end the actors."""
+        """Close the engines and end the actors (best effort: a dead actor is only killed)."""
         import ray
 
-        ray.get([a.close.remote() for a in self.actors])
+        try:
+            wait_all([a.close.remote() for a in self.actors], 60.0, "rollout", "closing the engines")
+        except Exception as exc:  # noqa: BLE001 - teardown goes on
+            log.warning("rollout shutdown: %s", exc)
         for a in self.actors:
-            ray.kill(a)
+            ray.kill(a, no_restart=True)
         self.actors = []

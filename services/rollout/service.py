@@ -153,6 +153,12 @@ class RolloutService:
         """The version of the weights the engine samples from (0 = the initial checkpoint)."""
         return self.version
 
+    def pid(self) -> int:
+        """This actor's process id (the chaos run kills it)."""
+        import os
+
+        return os.getpid()
+
     def close(self) -> None:
         """Release the engine."""
         self.engine.close()

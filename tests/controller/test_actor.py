@@ -98,10 +98,76 @@ def test_redis_state_survives_a_new_controller_process(redis_url):
 
 
 def test_an_unreachable_redis_fails_at_start_with_its_url():
-    import redis
+    with pytest.raises(RuntimeError, match=r"Redis at redis://127.0.0.1:1/0 unreachable for 1 s"):
+        RedisStore("redis://127.0.0.1:1/0", "x", timeout_s=0.5, retry_s=1.0)
 
-    with pytest.raises(redis.exceptions.ConnectionError):
-        RedisStore("redis://127.0.0.1:1/0", "x", timeout_s=0.5)
+
+def test_a_redis_outage_is_retried_then_reported_with_the_url(tmp_path):
+    import threading
+    import time
+
+    from testlib import start_redis
+    from services.backends.network import free_port
+
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    server = start_redis(port, tmp_path)
+    store = RedisStore(url, "outage", timeout_s=0.5, retry_s=20.0)
+    store.save({"run_id": "outage", "n": 1})
+    server.kill()
+    server.wait()
+    restarted = []
+    timer = threading.Timer(1.5, lambda: restarted.append(start_redis(port, tmp_path)))
+    timer.start()
+    t0 = time.monotonic()
+    store.save({"run_id": "outage", "n": 2})  # waits out the outage (the new server is empty: --save "")
+    assert time.monotonic() - t0 >= 1.0 and store.load() == {"run_id": "outage", "n": 2}
+    restarted[0].kill()
+    restarted[0].wait()
+    store.retry_s = 1.0
+    with pytest.raises(RuntimeError, match=rf"Redis at {url} unreachable for 1 s: could not save the controller state aepo:controller:outage"):
+        store.save({"run_id": "outage", "n": 3})
+
+
+def test_a_restarted_controller_without_state_refuses_to_plan_until_restored():
+    from services.contracts import ControllerStateLost
+
+    before = ControllerCore(AEPO, ControllerConfig(), "run")
+    before.observe(3, 0.2)
+    before.plan(4)
+    blank = ControllerCore(AEPO, ControllerConfig(), "run", restarted=True)
+    for call in (lambda: blank.plan(4), lambda: blank.observe(4, 0.1), lambda: blank.state(),
+                 lambda: blank.publish(4, {"exact": 0.1})):
+        with pytest.raises(ControllerStateLost, match="restarted with an empty MemoryStore"):
+            call()
+    blank.restore(before.state())
+    assert blank.plan(4) == before.plan(4)
+    # a restart that finds its state in the store (Redis) serves at once
+    store = MemoryStore()
+    store.save(before.state())
+    assert ControllerCore(AEPO, ControllerConfig(), "run", store=store, restarted=True).plan(4) == before.plan(4)
+
+
+def test_a_killed_in_memory_controller_actor_says_so_and_serves_again_once_restored(ray_local):
+    from controller.client import RayControllerClient
+    from services.contracts import ControllerStateLost
+
+    ray = ray_local
+    actor = start_controller(AEPO, ControllerConfig(name="test-controller-memory"), "mem-run")
+    client = RayControllerClient(actor, timeout_s=60)
+    client.observe(0, 0.5)
+    client.plan(1)
+    saved = client.state()
+    pid = ray.get(actor.pid.remote())
+    import os
+    import signal
+
+    os.kill(pid, signal.SIGKILL)  # a crash: Ray restarts the actor, blank
+    with pytest.raises(ControllerStateLost):
+        client.plan(1)
+    client.restore(saved)
+    assert client.plan(1)["direction"] == "down" and client.state()["last"] == saved["last"]
+    ray.kill(actor, no_restart=True)
 
 
 def test_the_named_ray_actor_is_found_by_name_and_resumes_after_a_crash(ray_local, redis_url):

@@ -15,7 +15,7 @@ ROW = {
     "step_seconds": 1.5, "time": {"rollout": 0.4, "learner": 0.6}, "reward_failures": {"timeout": 2, "error": 0},
     "eval_pass@8": 0.9, "token_entropy": {"irrelevant": 0.3, "content": 0.11, "forking": 1.2, "nonforking": None},
     "entropy_irrelevant_share": 0.73, "entropy_forking_share": 0.55, "entropy_by_position": [0.9, None, 0.2],
-    "reg_weight": 2.5,
+    "reg_weight": 2.5, "reward_reverified": 5, "reward_masked": 2,
 }
 
 
@@ -33,6 +33,8 @@ def test_a_step_row_becomes_labelled_series():
         'aepo_accuracy{batch_kind="regularizer",run_id="r1"} 0.25',
         'aepo_phase_seconds{phase="learner",run_id="r1"} 0.6',
         'aepo_reward_failures_total{outcome="timeout",run_id="r1"} 2.0',
+        'aepo_reward_reverified_total{run_id="r1"} 5.0',
+        'aepo_reward_masked_total{run_id="r1"} 2.0',
         'aepo_eval_pass_at_k{k="8",run_id="r1"} 0.9',
         'aepo_token_entropy{kind="irrelevant",run_id="r1"} 0.3',
         'aepo_token_entropy{kind="content",run_id="r1"} 0.11',
@@ -45,6 +47,18 @@ def test_a_step_row_becomes_labelled_series():
     ]:
         assert line in text, line
     assert 'kind="nonforking"' not in text and 'position="1"' not in text  # no value: no sample
+    assert 'outcome="error"' not in text  # a zero count adds nothing
+
+
+def test_reward_counters_add_up_over_steps():
+    m = RunMetrics("r3")
+    m.record_step(ROW)
+    m.record_step({**ROW, "reward_failures": {"timeout": 0, "error": 1}, "reward_reverified": 1, "reward_masked": 0})
+    text = generate_latest(m.registry).decode()
+    for line in ['aepo_reward_failures_total{outcome="timeout",run_id="r3"} 2.0',
+                 'aepo_reward_failures_total{outcome="error",run_id="r3"} 1.0',
+                 'aepo_reward_reverified_total{run_id="r3"} 6.0', 'aepo_reward_masked_total{run_id="r3"} 2.0']:
+        assert line in text, line
 
 
 def test_every_catalogue_name_is_in_the_exported_set_and_follows_conventions():

@@ -11,6 +11,7 @@ from services.config import TrainConfig
 from services.data.datasets import PromptItem
 from reward_server.schemas import VerifyResult
 from services.contracts import Components, Sample
+from services.loop.steps import RewardFailureError
 from services.loop.trainer import Trainer
 from testlib import prompts_of, responses_of
 
@@ -196,10 +197,23 @@ def test_metrics_rows_carry_the_entropy_series_and_the_time_split(tmp_path):
     assert "eval_before" in summary and "eval_pass@1" in summary["eval_after"]
 
 
-def test_timeouts_score_zero_and_are_counted_without_stopping_training(tmp_path):
-    trainer, _ = build(tmp_path, make_cfg(), reward=FakeReward(fail_every=5))
+def test_timeouts_are_reverified_then_masked_and_counted_without_stopping_training(tmp_path):
+    reward = FakeReward(fail_every=5)
+    trainer, parts = build(tmp_path, make_cfg(), reward=reward)
     row = trainer.train_step()
-    assert row["reward_failures"]["timeout"] > 0
+    # 16 GRPO + 8 regularizer items: 0, 5, 10, 15, 20 time out; sent again, the first of those 5
+    # (GRPO sample 0) times out again and is left out: replace mode keeps the 15 rows with a verdict
+    assert reward.calls == 2 and row["reward_reverified"] == 5
+    assert row["reward_failures"] == {"timeout": 1, "error": 0} and row["reward_masked"] == 1
+    assert len(parts.learner.batches[0][1]) == 15
+
+
+def test_a_step_over_the_failure_threshold_stops_the_run_before_the_update(tmp_path):
+    # every other item times out, twice for half of them: 6 of 24 = 25 % > reward.max_failure_share 20 %
+    trainer, parts = build(tmp_path, make_cfg(), reward=FakeReward(fail_every=2))
+    with pytest.raises(RewardFailureError, match="6 of 24 samples have no reward verdict"):
+        trainer.fit()
+    assert parts.learner.batches == [] and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_a_killed_run_resumes_at_the_checkpoint_with_controller_state_and_data_position(tmp_path):
