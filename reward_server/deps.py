@@ -1,13 +1,14 @@
-"""FastAPI dependencies: the app's settings, service, metrics, and the bearer-token check."""
+"""FastAPI dependencies: the app's settings, service, metrics, admission, and the bearer-token check."""
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from reward_server.admission import Admission
+from reward_server.auth import bearer_problem
 from reward_server.metrics import RewardMetrics
 from reward_server.service import VerifyService
 from reward_server.settings import RewardSettings
@@ -20,11 +21,16 @@ def get_settings(request: Request) -> RewardSettings:
     return request.app.state.settings
 
 
+def get_admission(request: Request) -> Admission:
+    """This app's admission control (in-flight counters, drain flag)."""
+    return request.app.state.admission
+
+
 def get_service(request: Request) -> VerifyService:
     """This app's verification service (created by the lifespan)."""
     service = getattr(request.app.state, "service", None)
     if service is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "reward server is starting or stopping")
+        raise get_admission(request).reject(503, "starting", "reward server is starting or stopping; retry", retry=True)
     return service
 
 
@@ -36,20 +42,18 @@ def get_metrics(request: Request) -> RewardMetrics:
 SettingsDep = Annotated[RewardSettings, Depends(get_settings)]
 ServiceDep = Annotated[VerifyService, Depends(get_service)]
 MetricsDep = Annotated[RewardMetrics, Depends(get_metrics)]
+AdmissionDep = Annotated[Admission, Depends(get_admission)]
 
 
 def require_token(
-    settings: SettingsDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """401 unless the server has no token or the request sends `Authorization: Bearer <token>`."""
-    if settings.token is None:
-        return
-    expected = settings.token.get_secret_value().encode()
-    given = credentials.credentials.encode() if credentials is not None else b""
-    if not secrets.compare_digest(given, expected):
-        reason = "missing bearer token" if credentials is None else "wrong bearer token"
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            f"{reason}: send 'Authorization: Bearer <token>' with the server's AEPO_REWARD_TOKEN",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+    """401 unless the server has no token or the request sends `Authorization: Bearer <token>`.
+
+    The admission middleware already checked this before reading the body; this dependency
+    declares the scheme in /openapi.json and keeps the route safe if mounted without it.
+    """
+    header = request.headers.get("authorization")
+    problem = bearer_problem(header.encode("latin-1") if header is not None else None, get_settings(request).token)
+    if problem:
+        raise get_admission(request).reject(401, "unauthorized", problem, headers={"WWW-Authenticate": "Bearer"})

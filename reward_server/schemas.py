@@ -16,13 +16,16 @@ class VerifyItem(BaseModel):
 
     id: str = Field(max_length=512, description="Caller's id, echoed in the result.")
     task: str = Field(max_length=128, description="Verifier name, e.g. `math`, `countdown`, `numeric`, `exact`.")
-    response: str = Field(description="The model's full response text.")
+    response: str = Field(description="The model's full response text (at most AEPO_REWARD_MAX_RESPONSE_CHARS, "
+                          "default 200 000; longer gets 413).")
     reference: JsonValue = Field(
         description="Ground truth: a string (math/exact), a number (numeric) or an object "
-        '(countdown: {"numbers": [...], "target": n, "use_all": bool}).'
+        '(countdown: {"numbers": [...], "target": n, "use_all": bool}); at most AEPO_REWARD_MAX_REFERENCE_BYTES '
+        "as JSON (default 64 KiB; larger gets 413)."
     )
     metadata: dict[str, JsonValue] | None = Field(
-        None, description="Caller bookkeeping; ignored by the built-in verifiers and not part of the cache key."
+        None, description="Caller bookkeeping; ignored by the built-in verifiers and not part of the cache key. "
+        "At most AEPO_REWARD_MAX_METADATA_KEYS keys and AEPO_REWARD_MAX_METADATA_BYTES as JSON (64, 16 KiB)."
     )
 
 

@@ -16,9 +16,10 @@ import time
 import httpx
 from ray import serve
 
+from reward_server.auth import token_required_problem
 from reward_server.main import create_app
-from services.backends.network import free_port
 from reward_server.settings import RewardSettings
+from services.backends.network import free_port
 
 DEFAULT_APP_NAME = "aepo-reward"
 
@@ -67,16 +68,17 @@ def _keep_replica_grpc_on_loopback() -> None:
     replica.add_port_to_grpc_server = bind
 
 
-def _serve_http_address(http_port: int | None) -> tuple[str, int]:
-    """Start Serve on 127.0.0.1 if it is not running; the proxy's (host, port) either way."""
+def _serve_http_address(http_port: int | None) -> tuple[str, int, str]:
+    """Start Serve on 127.0.0.1 if it is not running; the proxy's (host to call, port, bound host) either way."""
     # Private, but Serve has no public accessor for the running proxy's address.
     from ray.serve.context import _get_global_client
 
     if _get_global_client(raise_if_no_controller_running=False) is None:
         serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()})
     config = _get_global_client().http_config
-    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "", None) else config.host
-    return host, config.port
+    bound = config.host or "0.0.0.0"
+    host = "127.0.0.1" if bound in ("0.0.0.0", "::") else bound
+    return host, config.port, bound
 
 
 def deploy(
@@ -92,14 +94,20 @@ def deploy(
     """Deploy (or update) the reward server in the current Ray cluster; return its base URL.
 
     Call inside an initialised Ray (`ray.init`). Starts Serve on 127.0.0.1 (on `http_port`, else
-    a free port) unless it already runs, and returns once GET /readyz answers 200.
+    a free port) unless it already runs, and returns once GET /readyz answers 200. Refuses (RuntimeError)
+    when Serve's proxy listens beyond loopback and the settings carry no token.
     """
     import ray
 
     if not ray.is_initialized():
         raise RuntimeError("deploy() needs an initialised Ray: call ray.init(...) first")
     settings = settings if settings is not None else RewardSettings()
-    host, port = _serve_http_address(http_port)
+    if isinstance(settings, dict):
+        settings = RewardSettings(**settings)
+    host, port, bound = _serve_http_address(http_port)
+    problem = token_required_problem(bound, settings.token)
+    if problem:  # Serve's proxy listens beyond this machine: same rule as `aepo serve-reward`
+        raise RuntimeError(f"Ray Serve's HTTP proxy is bound to {bound}: {problem}")
     app = RewardDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}).bind(settings)
     serve.run(app, name=name, route_prefix=route_prefix)
     base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"

@@ -43,7 +43,7 @@ class VerifyService:
             plugins=settings.plugins,
             on_restarts=metrics.worker_restarts.inc,
         )
-        self.cache: VerdictCache = make_cache(settings.redis_url, settings.cache_size, settings.cache_ttl_s)
+        self.cache: VerdictCache = make_cache(settings, metrics)
 
     async def start(self) -> None:
         """Start the worker pool (it warms up in the background; see `ready`)."""

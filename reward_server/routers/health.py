@@ -17,17 +17,21 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness", responses={503: {"description": "Verifier workers not up"}})
+@router.get("/readyz", summary="Readiness", responses={503: {"description": "Workers not up yet, or draining"}})
 async def readyz(request: Request) -> JSONResponse:
-    """200 once verifier worker processes answer, else 503; lists the workers' PIDs."""
+    """200 once verifier worker processes answer, else 503 (also while draining); lists the workers' PIDs."""
     service = getattr(request.app.state, "service", None)
+    admission = request.app.state.admission
     pids = (service.pool.worker_pids() or []) if service is not None else []
-    ready = bool(service is not None and service.ready)
+    ready = bool(service is not None and service.ready and not admission.draining)
+    status = "ready" if ready else ("draining" if admission.draining else "starting")
     body = {
-        "status": "ready" if ready else "starting",
+        "status": status,
         "workers": len(pids),
         "worker_pids": pids,
         "cache": service.cache.backend if service is not None else None,
+        "cache_ok": service.cache.healthy if service is not None else None,
+        "inflight": {"requests": admission.requests, "items": admission.items, "body_bytes": admission.bytes},
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -4,39 +4,34 @@ from __future__ import annotations
 
 import time
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends
 
-from reward_server.deps import ServiceDep, SettingsDep, require_token
+from reward_server.deps import AdmissionDep, ServiceDep, require_token
+from reward_server.limits import check_limits
 from reward_server.schemas import VerifyRequest, VerifyResponse
-from reward_server.settings import RewardSettings
+from reward_server.service import VerifyService
 from reward_server.verifiers import get_verifier, known_tasks
 
 router = APIRouter(prefix="/v1", tags=["verify"])
 
+_RETRY = {"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}}
 
-def _check_limits(body: VerifyRequest, settings: RewardSettings) -> float:
-    """The request's deadline in seconds; HTTP errors for requests over the configured limits."""
-    if len(body.items) > settings.max_items:
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"too many items: {len(body.items)} in one request, the limit is {settings.max_items} "
-            "(AEPO_REWARD_MAX_ITEMS); split the batch",
-        )
-    too_long = [item.id for item in body.items if len(item.response) > settings.max_response_chars]
-    if too_long:
-        shown = ", ".join(repr(i[:40]) for i in too_long[:5]) + (" ..." if len(too_long) > 5 else "")
-        raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE,
-            f"{len(too_long)} response(s) longer than {settings.max_response_chars} characters "
-            f"(AEPO_REWARD_MAX_RESPONSE_CHARS): items {shown}",
-        )
-    timeout_s = body.timeout_s if body.timeout_s is not None else settings.default_timeout_s
-    if timeout_s > settings.max_timeout_s:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"timeout_s={timeout_s} is over this server's limit of {settings.max_timeout_s}s (AEPO_REWARD_MAX_TIMEOUT_S)",
-        )
-    return timeout_s
+
+async def _wait_for_workers(service: VerifyService, admission) -> None:
+    """Hold an admitted request while the verifier workers start (up to start_wait_s), else 503.
+
+    Without this, items sent to a pool that is still starting would run into their per-item
+    limit and score 0 as `timeout` although nothing was wrong with them.
+    """
+    if service.ready:
+        return
+    try:
+        await service.pool.wait_ready(admission.settings.start_wait_s)
+    except TimeoutError:
+        raise admission.reject(
+            503, "starting", f"verifier workers not up after {admission.settings.start_wait_s:g}s "
+            "(AEPO_REWARD_START_WAIT_S); retry", retry=True,
+        ) from None
 
 
 @router.post(
@@ -44,16 +39,23 @@ def _check_limits(body: VerifyRequest, settings: RewardSettings) -> float:
     dependencies=[Depends(require_token)],
     summary="Verify a batch of responses",
     responses={
-        401: {"description": "Missing or wrong bearer token"},
-        413: {"description": "Too many items, a response too long, or a body too large"},
+        400: {"description": "Malformed body (bad Content-Length, unparsable numbers)"},
+        401: {"description": "Missing or wrong bearer token (checked before the body is read)"},
+        408: {"description": "The body did not arrive within AEPO_REWARD_BODY_TIMEOUT_S"},
+        413: {"description": "Too many items, a field too large (response, reference, metadata), or a body too large"},
         422: {"description": "Malformed JSON, wrong types, or timeout_s over the limit"},
+        429: {"description": "Server busy: too many requests, body bytes or items in flight", "headers": _RETRY},
+        503: {"description": "Starting or draining", "headers": _RETRY},
     },
 )
-async def verify(body: VerifyRequest, service: ServiceDep, settings: SettingsDep) -> VerifyResponse:
+async def verify(body: VerifyRequest, service: ServiceDep, admission: AdmissionDep) -> VerifyResponse:
     """Verdicts for every item, in request order. A bad item gets outcome `error`; it never fails the batch."""
-    t0 = time.monotonic()
-    timeout_s = _check_limits(body, settings)
-    return VerifyResponse(results=await service.verify(body.items, timeout_s, t0))
+    timeout_s = check_limits(body, admission)
+    with admission.hold_items(len(body.items)):
+        await _wait_for_workers(service, admission)
+        # the deadline runs from when verification can start (arrival, or the workers' warm-up)
+        t0 = time.monotonic()
+        return VerifyResponse(results=await service.verify(body.items, timeout_s, t0))
 
 
 @router.get("/tasks", summary="Registered verifiers")

@@ -42,6 +42,10 @@ def _serve_reward_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default=None, help="verdict cache in Redis (default: $REDIS_URL, else in-process LRU)")
     p.add_argument("--timeout-s", type=float, default=None, help="default per-request deadline, seconds (default 10)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--token-file", default=None,
+                   help="read the bearer token from this file (default $AEPO_REWARD_TOKEN); required unless --host is loopback")
+    p.add_argument("--drain-timeout-s", type=float, default=None,
+                   help="on SIGTERM, seconds to let in-flight requests finish before exiting 0 (default 30)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:

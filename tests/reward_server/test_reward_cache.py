@@ -1,17 +1,22 @@
-"""Verdict cache: a real redis-server (hit == miss, no timeouts cached), the LRU, Redis outages."""
+"""Verdict cache: a real redis-server (hit == miss, no timeouts cached, forged entries not trusted), the LRU, outages."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import shutil
+import socket
+import subprocess
 import uuid
 
 import pytest
 import redis
 
 from reward_server.cache import KEY_PREFIX, LRUCache, cache_key
-from reward_server.verifiers import Verdict
+from reward_server.verifiers import Verdict, get_verifier
 from services.backends.network import free_port
-from reward_testlib import item, make_client, verify
+from reward_testlib import item, make_client, metric, verify, wait_for
 
 
 def _hits(client) -> float:
@@ -86,3 +91,100 @@ def test_unreachable_redis_degrades_to_no_cache():
         assert [x["outcome"] for x in results] == ["correct", "correct"]
     finally:
         c.__exit__(None, None, None)
+
+
+def test_forged_redis_entries_are_misses_counted_and_logged_once(redis_client, redis_url, caplog):
+    """Whoever can write to Redis cannot make an answer `correct`: unsigned, badly signed or copied entries."""
+    tag = uuid.uuid4().hex[:8]
+    wrong = item("w", "math", f"{tag}: \\boxed{{\\frac{{1}}{{3}}}}", "0.5")  # incorrect; needs sympy (not inline)
+    right = item("r", "math", f"{tag}: \\boxed{{\\frac{{2}}{{4}}}}", "0.5")  # correct
+    version = get_verifier("math").version
+    key = cache_key("math", version, "0.5", wrong["response"])
+    assert key.startswith(KEY_PREFIX + f"math:{version}:")  # verifier name and version are part of the key
+    r = redis.Redis.from_url(redis_url)
+
+    def rejected(reason):
+        return metric(redis_client, "aepo_reward_cache_rejected_total", f'reason="{reason}"')
+
+    forgeries = [
+        ("unsigned", json.dumps(["correct", "forged"]).encode()),  # the v1 format, or a plain forgery
+        ("bad_signature", b"s1:" + b"0" * 64 + b":" + json.dumps(["correct", "forged"]).encode()),
+    ]
+    caplog.set_level(logging.ERROR, logger="aepo.reward.cache")
+    for reason, value in forgeries:
+        before = rejected(reason)
+        r.set(key, value)
+        assert verify(redis_client, [wrong], timeout_s=10)[0]["outcome"] == "incorrect"
+        assert rejected(reason) == before + 1
+        assert r.get(key).startswith(b"s1:")  # the fresh verdict replaced the forgery, signed
+    # a genuine entry of a correct answer, copied onto the wrong answer's key: the signature binds the key
+    assert verify(redis_client, [right], timeout_s=10)[0]["outcome"] == "correct"
+    genuine = r.get(cache_key("math", version, "0.5", right["response"]))
+    before = rejected("bad_signature")
+    r.set(key, genuine)
+    assert verify(redis_client, [wrong], timeout_s=10)[0]["outcome"] == "incorrect"
+    assert rejected("bad_signature") == before + 1
+    assert len([rec for rec in caplog.records if "not trusted" in rec.getMessage()]) == 1  # once per process
+    hits = _hits(redis_client)
+    assert verify(redis_client, [wrong], timeout_s=10)[0]["outcome"] == "incorrect" and _hits(redis_client) == hits + 1
+
+
+def test_replicas_share_entries_only_with_the_same_secret(redis_url):
+    tag = uuid.uuid4().hex[:8]
+    it = item("s", "math", f"{tag}: \\boxed{{\\frac{{3}}{{6}}}}", "0.5")
+    apps = [make_client(workers=1, redis_url=redis_url, cache_secret=s) for s in ("alpha", "alpha", "beta")]
+    try:
+        assert verify(apps[0], [it], timeout_s=10)[0]["outcome"] == "correct"
+        assert verify(apps[1], [it], timeout_s=10)[0]["outcome"] == "correct" and _hits(apps[1]) == 1
+        assert verify(apps[2], [it], timeout_s=10)[0]["outcome"] == "correct" and _hits(apps[2]) == 0
+        assert metric(apps[2], "aepo_reward_cache_rejected_total", 'reason="bad_signature"') == 1
+    finally:
+        for app in apps:
+            app.__exit__(None, None, None)
+
+
+def test_a_redis_outage_is_reported_and_the_cache_comes_back(tmp_path):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    c = make_client(workers=1, redis_url=url, cache_retry_s=0)
+    tag = uuid.uuid4().hex[:8]
+    it = item("o", "math", f"{tag}: \\boxed{{\\frac{{5}}{{10}}}}", "0.5")
+    proc = start_redis(port, tmp_path)
+    try:
+        assert verify(c, [it], timeout_s=10)[0]["outcome"] == "correct"
+        stop_redis(proc)
+        assert verify(c, [it], timeout_s=10)[0]["outcome"] == "correct"  # 200 from the workers, not a 500
+        assert metric(c, "aepo_reward_cache_errors_total", 'op="get"') >= 1
+        assert metric(c, "aepo_reward_cache_up") == 0 and c.get("/readyz").json()["cache_ok"] is False
+        proc = start_redis(port, tmp_path)  # back, empty
+        hits = _hits(c)
+        verify(c, [it], timeout_s=10)  # a miss: stored again
+        assert verify(c, [it], timeout_s=10)[0]["outcome"] == "correct" and _hits(c) == hits + 1
+        assert metric(c, "aepo_reward_cache_up") == 1 and c.get("/readyz").json()["cache_ok"] is True
+    finally:
+        stop_redis(proc)
+        c.__exit__(None, None, None)
+
+
+def start_redis(port: int, workdir) -> subprocess.Popen:
+    """A private redis-server on 127.0.0.1:port (this test kills it), once it accepts connections."""
+    proc = subprocess.Popen([shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(workdir)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    wait_for(lambda: redis.Redis(port=port, socket_connect_timeout=0.2).ping() if _listening(port) else False,
+             "redis-server to start", 30)
+    return proc
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
