@@ -110,6 +110,7 @@ class FakeLearner:
 
         Path(path).mkdir(parents=True)
         (Path(path) / "state.json").write_text(json.dumps({"version": self.version}))
+        return {"state.json": (Path(path) / "state.json").stat().st_size}
 
     def load(self, path):
         from pathlib import Path
