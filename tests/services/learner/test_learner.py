@@ -452,3 +452,36 @@ def test_the_controller_hears_exact_grpo_entropy_and_the_mixed_batch_sampled_est
     assert last["sampled"]["entropy"] == pytest.approx(stats["entropy_sampled_batch"])
     # the two sampled estimates differ when regularizer rows are in the batch: the fix is visible
     assert stats["entropy_sampled_batch"] != pytest.approx(stats["entropy_sampled"], abs=1e-6)
+
+
+def test_a_checkpoint_carries_clip_covs_generator_so_the_next_update_repeats_exactly(tiny_model_path, tmp_path):
+    """Clip-Cov picks the tokens it detaches at random: the generator's position after the first
+    update is part of the state. Worker A: update, save, update. Worker B: load, the same update.
+    Bit-equal weights only if the generator came back (a fresh one would pick other tokens)."""
+    algo = ClipCovConfig(clip_ratio=0.5, cov_lb=-1e6, cov_ub=1e6)  # every token a candidate: the random pick decides
+    cfg = LearnerConfig(num_workers=1, cpus_per_worker=2, micro_batch_size=4)
+
+    def worker():
+        w = LearnerWorker(0, 1, tiny_model_path, cfg, algo, seed=0)
+        w.setup("127.0.0.1", free_port())
+        return w
+
+    a = worker()
+    try:
+        a.update(make_batch(rows=6, n_reg=0, seed=3))
+        written = a.save_checkpoint(str(tmp_path / "ckpt"))
+        a.update(make_batch(rows=6, n_reg=0, seed=4))
+        after_a = {k: v.clone() for k, v in a.full_state_dict().items()}
+    finally:
+        a.shutdown()
+    assert "rng_rank0.pt" in written and ".metadata" in written and all(size > 0 for size in written.values())
+    b = worker()
+    try:
+        b.load_checkpoint(str(tmp_path / "ckpt"))
+        b.update(make_batch(rows=6, n_reg=0, seed=4))
+        assert max_abs_diff(b.full_state_dict(), after_a) == 0.0
+        fresh = torch.Generator().manual_seed(0)
+        b.load_checkpoint(str(tmp_path / "ckpt"))
+        assert not torch.equal(b.generator.get_state(), fresh.get_state())  # it was advanced, and restored
+    finally:
+        b.shutdown()
