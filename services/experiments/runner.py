@@ -121,13 +121,19 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 # computes (each speed switch has a test that the update or the samples are the same either way):
 # left out of the digest, so that adding or flipping one does not orphan finished runs.
 SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params"),
-              "trainer": ("export_policy", "loggers")}
+              "trainer": ("export_policy", "loggers", "save_every_seconds")}
+# whole sections of that kind: timeouts and the recovery budget change when a run gives up, never
+# a row it writes (a recovered run's metrics equal an untouched one's: tests/test_recovery.py)
+SPEED_ONLY_SECTIONS = ("recovery",)
 # Settings that do change what a run computes, added after runs were made: at the value that
 # reproduces the earlier behaviour they are left out of the digest too (so those runs keep their
 # names); at any other value they name a different run.
 LEGACY_DEFAULTS = {
     "learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"},
     "model": {"builtin": "tiny", "system_prompt": None, "small_llm": SmallLLMConfig().model_dump(mode="json")},
+    # masking unverified items differs from scoring them 0 only when an item times out or errors;
+    # the runs made before it record none (reward_failures all 0), so they computed the same
+    "reward": {"on_failure": "mask", "max_failure_share": 0.2},
 }
 
 
@@ -140,7 +146,7 @@ def config_digest(cfg: dict) -> str:
         return field not in SPEED_ONLY.get(section, ()) and not (field in legacy and legacy[field] == value)
 
     keyed = {k: ({f: x for f, x in v.items() if keep(k, f, x)} if isinstance(v, dict) else v)
-             for k, v in cfg.items()}
+             for k, v in cfg.items() if k not in SPEED_ONLY_SECTIONS}
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -127,3 +127,21 @@ def test_resume_with_nothing_to_resume_and_a_fresh_run_over_an_old_one_are_refus
     assert (out / "metrics.jsonl").read_text() == '{"step": 0}\n'  # untouched
     both = _train(cfg, out, "--resume", "--overwrite", backend="local")
     assert both.returncode == 2 and "contradict" in both.stdout
+
+
+def test_a_fresh_run_under_the_same_name_starts_its_own_redis_state(tmp_path, redis_url):
+    """The controller's Redis state is keyed by a run id each fresh run renews: a second fresh run
+    with the same run_name (here --overwrite into the same directory) neither loads the first
+    run's entropy log nor trips over it (it used to fail at its first observation)."""
+    import redis
+
+    cfg, out = _config(tmp_path, "bang_bang"), tmp_path / "run"
+    cfg.write_text(cfg.read_text() + f"controller: {{redis_url: '{redis_url}'}}\n")
+    first = _train(cfg, out, backend="local")
+    assert first.returncode == 0, first.stdout[-3000:]
+    second = _train(cfg, out, "--overwrite", backend="local")
+    assert second.returncode == 0, second.stdout[-3000:]
+    keys = sorted(k.decode() for k in redis.Redis.from_url(redis_url).keys("aepo:controller:resume-bang_bang-*"))
+    assert len(keys) == 2  # one state per run
+    resumed_id = json.loads(next((out / "checkpoints").glob("step_*/driver_state.json")).read_text())["controller"]["run_id"]
+    assert f"aepo:controller:{resumed_id}" in keys
