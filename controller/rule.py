@@ -13,6 +13,9 @@ Here: the same bang-bang rule with T and m as configuration (m_up=60, m_down=30 
 i.e. the down count is configured rather than halved at run time); an unobserved entropy
 plans "up", as the reference does; the target may follow any schedule over steps, which the
 paper claims works but its code does not offer.
+
+Below them, rivals for a same-budget benchmark (Skywork-OR1's adaptive entropy coefficient,
+EntroPIC's PI-weighted tokens): `decide` gives what the learner would apply; not yet wired in.
 """
 
 from __future__ import annotations
@@ -226,3 +229,146 @@ def _pi_plan(entropy: float | None, target: float, rule: PIRule, integral: float
     if u >= 0:
         return Plan(rule.temperature_up, rule.m_up, target, "up", why, weight=u, integral=new_i)
     return Plan(rule.temperature_down, rule.m_down, target, "down", why, weight=-u, integral=new_i)
+
+
+# ----------------------------------------------------------------------------- rival rules
+# Rivals to AEPO's controller for a same-budget benchmark, pure like the rules above: `decide`
+# maps (rule, last entropy, step, target, state) to a decision the learner applies and a new
+# JSON state the controller persists. Not yet wired into the loss. Every decision has the same
+# keys, so a learner can apply any rival blindly: the loss gains −entropy_coef·H, and tokens whose
+# probability exceeds prob_threshold get their policy-gradient term scaled by positive_weight
+# (advantage > 0) or negative_weight (advantage < 0); a rival that does not use a lever leaves it
+# neutral (coefficient 0, weights 1).
+
+
+class SkyworkAdaptiveRule(_Strict):
+    """Skywork-OR1's adaptive entropy control: a bang-bang ramp on an entropy-bonus coefficient.
+
+    The loss gains −c·H. After each step's entropy H: α ← clip(α + Δ if H < H* else α − Δ,
+    α_min, α_max), and the next step applies c = α if H < H* else 0, so the bonus is one-sided:
+    it only ever raises entropy (the reference's `EntController`: strict `<`, bonus gated by the
+    same comparison; before any entropy it applies α_0). Defaults: TRL's GRPOConfig
+    (`use_adaptive_entropy`: Δ 0.005, α in [0, 1], α_0 = 0, target 0.2); Skywork's released
+    training scripts use Δ = 1e-4, α_max = 0.005, target 0.2. The target comes from the shared
+    schedule (`algorithm.target`), so every rule chases the same H*.
+    """
+
+    type: Literal["skywork_adaptive"] = "skywork_adaptive"
+    coef_init: float = Field(0.0, ge=0.0, description="α_0, the coefficient before any entropy is seen.")
+    coef_delta: float = Field(0.005, gt=0.0, description="Δ, the coefficient's change per step.")
+    coef_min: float = Field(0.0, ge=0.0, description="Lower clip of α (>= 0: the bonus never turns into a penalty).")
+    coef_max: float = Field(1.0, gt=0.0, description="Upper clip of α (Skywork's scripts: 0.005 with Δ = 1e-4).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SkyworkAdaptiveRule":
+        if not self.coef_min <= self.coef_init <= self.coef_max:
+            raise ValueError(f"need coef_min <= coef_init <= coef_max, "
+                             f"got {self.coef_min}, {self.coef_init}, {self.coef_max}")
+        return self
+
+
+class EntroPICRule(_Strict):
+    """EntroPIC (arXiv 2511.15248): a PI law that reweights confident positive and negative tokens.
+
+    e = H − H* (note: the opposite sign of `PIRule`'s error). α_t = clip(kp·e_t + ki·I_{t−1},
+    −α_max, α_max), then I_t = I_{t−1} + e_t: the integral term uses the errors *before* this
+    step's, and the integral is never clamped (the reference clips only α: no anti-windup).
+    Tokens with π(token) > prob_threshold are weighted 1 + α when their advantage is positive and
+    1 − α when negative: α < 0 (entropy below target) softens confident positives and sharpens
+    confident negatives, which raises entropy; α > 0 does the opposite. Reference loss
+    (yk7333/EntroPIC core_algos.compute_policy_loss_entropic): the PPO loss plus
+    α·mean over those tokens of (−ratio·|A|), a mean over the confident tokens only.
+    Defaults: run_entropic.sh / config/entropic.yaml (kp 1, ki 0.01), dp_actor.py (α in [−1, 1]),
+    the loss's `high_prob_thresh` 0.95. The reference reads H from the batch it is updating; a
+    controller here reads the last published entropy, one step older.
+    """
+
+    type: Literal["entropic_pi"] = "entropic_pi"
+    kp: float = Field(1.0, ge=0.0, description="Proportional gain, α per nat of H − H*.")
+    ki: float = Field(0.01, ge=0.0, description="Integral gain, α per nat·step of accumulated H − H*.")
+    alpha_max: float = Field(1.0, gt=0.0, le=1.0, description="Bound on |α| (<= 1 keeps both weights >= 0).")
+    prob_threshold: float = Field(0.95, gt=0.0, lt=1.0, description="Tokens with π above this get the weights.")
+
+
+RivalRule = Annotated[Union[SkyworkAdaptiveRule, EntroPICRule], Field(discriminator="type")]
+
+_STATE_KEY = {"skywork_adaptive": "coef", "entropic_pi": "integral"}
+
+
+def initial_rival_state(rule: RivalRule) -> dict:
+    """The state before the first step: {rule, step: None, coef α_0 | integral 0}."""
+    if isinstance(rule, SkyworkAdaptiveRule):
+        return {"rule": rule.type, "step": None, "coef": rule.coef_init}
+    if isinstance(rule, EntroPICRule):
+        return {"rule": rule.type, "step": None, "integral": 0.0}
+    raise TypeError(f"unknown rival rule {rule!r}")
+
+
+def entropic_step(error: float, integral: float, rule: EntroPICRule) -> tuple[float, float]:
+    """One EntroPIC update: (α, new integral) from e = H − H* and the integral before this step."""
+    raw = rule.kp * error + rule.ki * integral
+    return min(max(raw, -rule.alpha_max), rule.alpha_max), integral + error
+
+
+def decide(
+    rule: RivalRule, entropy: float | None, step: int, target: float, state: dict | None = None
+) -> tuple[dict, dict]:
+    """A rival rule's decision for `step` and its new state, from the last observed entropy.
+
+    `state` is what the previous call returned (None: `initial_rival_state`). A state that already
+    covers `step` is refused: a retried step must start from the state before it, as the PI
+    rule's integral does, so no step is counted twice. Both dicts are JSON-serialisable.
+    """
+    state = initial_rival_state(rule) if state is None else state
+    value = _check_rival_inputs(rule, entropy, step, target, state)
+    if isinstance(rule, SkyworkAdaptiveRule):
+        levers, new_value = _skywork(rule, entropy, target, value)
+    else:
+        levers, new_value = _entropic(rule, entropy, target, value)
+    seen = None if entropy is None else float(entropy)
+    decision = {"rule": rule.type, "step": int(step), "target": float(target), "entropy": seen, **levers}
+    return decision, {"rule": rule.type, "step": int(step), _STATE_KEY[rule.type]: new_value}
+
+
+def _check_rival_inputs(rule: RivalRule, entropy: float | None, step: int, target: float, state: dict) -> float:
+    if state.get("rule") != rule.type:
+        raise ValueError(f"state belongs to rule {state.get('rule')!r}, not {rule.type!r}")
+    if state.get("step") is not None and step <= state["step"]:
+        raise ValueError(f"state already covers step {state['step']}; decide step {step} from the state before it")
+    if entropy is not None and not (math.isfinite(entropy) and entropy >= 0):
+        raise ValueError(f"observed entropy must be finite and >= 0, got {entropy}")
+    if not (math.isfinite(target) and target >= 0):
+        raise ValueError(f"target entropy must be finite and >= 0, got {target}")
+    value = float(state[_STATE_KEY[rule.type]])
+    if not math.isfinite(value):
+        raise ValueError(f"state value {_STATE_KEY[rule.type]} must be finite, got {value}")
+    return value
+
+
+def _levers(direction: str, alpha: float, reason: str, coef: float = 0.0, w_pos: float = 1.0,
+            w_neg: float = 1.0, threshold: float | None = None) -> dict:
+    return {"direction": direction, "alpha": alpha, "entropy_coef": coef, "positive_weight": w_pos,
+            "negative_weight": w_neg, "prob_threshold": threshold, "reason": reason}
+
+
+def _skywork(rule: SkyworkAdaptiveRule, entropy: float | None, target: float, coef: float) -> tuple[dict, float]:
+    if entropy is None:
+        why = "no entropy observed yet: hold α and apply it (the reference starts with the bonus on)"
+        return _levers("up" if coef > 0 else "none", coef, why, coef=coef), coef
+    below = entropy < target
+    coef = min(max(coef + (rule.coef_delta if below else -rule.coef_delta), rule.coef_min), rule.coef_max)
+    applied = coef if below else 0.0
+    why = f"H={entropy:.4f} {'<' if below else '>='} H*={target:.4f}: α={coef:.4f}, bonus {'on' if below else 'off'}"
+    return _levers("up" if applied > 0 else "none", coef, why, coef=applied), coef
+
+
+def _entropic(rule: EntroPICRule, entropy: float | None, target: float, integral: float) -> tuple[dict, float]:
+    if entropy is None:
+        alpha, new_i = min(max(rule.ki * integral, -rule.alpha_max), rule.alpha_max), integral
+        why = "no entropy observed yet: hold the integral"
+    else:
+        alpha, new_i = entropic_step(entropy - target, integral, rule)
+        why = (f"H={entropy:.4f}, H*={target:.4f}: α={alpha:+.4f} "
+               f"(P {rule.kp * (entropy - target):+.4f}, I {rule.ki * integral:+.4f})")
+    direction = "up" if alpha < 0 else "down" if alpha > 0 else "none"
+    return _levers(direction, alpha, why, w_pos=1.0 + alpha, w_neg=1.0 - alpha, threshold=rule.prob_threshold), new_i
