@@ -60,6 +60,12 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p)
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from services.cli.plan import add_arguments  # stdlib-only at import: keeps --help instant
+
+    add_arguments(p)
+
+
 def _experiment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="experiment spec (YAML), e.g. deploy/experiments/toy_claims.yaml")
     p.add_argument("--report-only", action="store_true", help="write the report from the runs already there")
@@ -80,6 +86,12 @@ COMMANDS: list[Command] = [
         "avg@n and unbiased pass@k of a checkpoint (e.g. a run's policy/) on a benchmark file, verified by the reward server",
         "services.cli.evaluate:main",
         _eval_args,
+    ),
+    Command(
+        "plan",
+        "what each role of a run config needs (CPUs, GPUs, memory), checked against a cluster; refuses what cannot fit",
+        "services.cli.plan:main",
+        _plan_args,
     ),
     Command(
         "experiment",
