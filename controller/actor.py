@@ -1,9 +1,10 @@
 """The entropy controller: the pure rule (controller.rule) plus state, persistence and metrics.
 
-The learners publish each step's entropy here (`observe`); the rollout service asks for the
-regularizer plan here (`plan`). The driver never computes a decision. With a Redis URL the
-state (last observation per source, the decision log's tail) lives in Redis, so a restarted
-controller makes the same next decision; otherwise it lives in memory.
+The learners publish each step's entropy here, every measured source at once (`publish`); the
+rollout service asks for the regularizer plan here (`plan`), which reads the configured source
+(`controller.entropy_source`). The driver never computes a decision. With a Redis URL the state
+(last observation per source, the relative target's base H0, the decision log's tail) lives in
+Redis, so a restarted controller makes the same next decision; otherwise it lives in memory.
 
 `ControllerCore` is plain Python (unit-tested with an in-memory store and a fake metrics sink);
 `EntropyControllerActor` is the Ray actor around it (named, detached-capable). Its decisions
@@ -17,12 +18,12 @@ import math
 import time
 from typing import Any, Protocol
 
-from controller.client import LocalControllerClient
+from controller.client import PUBLISHED, UNMEASURED, LocalControllerClient
 from controller.rule import Plan, plan as decide, target_at
 from services.config import AEPOConfig, AlgorithmConfig, ControllerConfig
 from services.contracts import ControllerStateLost
 
-SOURCES = ("exact", "sampled")
+SOURCES = tuple(PUBLISHED)  # exact, sampled, content, forking
 
 
 class StateStore(Protocol):
@@ -127,7 +128,7 @@ class ControllerCore:
         # a restarted controller with nothing stored would plan "entropy up" from a zero integral:
         # it refuses every call until the driver hands its state back (`restore`)
         self._lost = restarted and stored is None
-        self._state = stored or {"run_id": run_id, "last": {}, "log": [], "selected": {}}
+        self._state = stored or {"run_id": run_id, "last": {}, "log": [], "selected": {}, "target_base": None}
         if self._state.get("run_id") != run_id:
             raise ValueError(f"stored controller state belongs to run {self._state.get('run_id')!r}, not {run_id!r}")
 
@@ -138,7 +139,7 @@ class ControllerCore:
 
     # ------------------------------------------------------------------ the learners' side
     def observe(self, step: int, entropy: float, source: str = "exact") -> dict:
-        """Record the entropy the learners measured after `step` (exact or sampled estimate)."""
+        """Record the entropy the learners measured after `step` for one source (`SOURCES`)."""
         self._check_state()
         last = self._observe(step, entropy, source)
         self.store.save(self._state)
@@ -146,8 +147,15 @@ class ControllerCore:
 
     def publish(self, step: int, entropies: dict[str, float], selected: int | None = None) -> None:
         """One step's measurements from the learners (one store write): the entropy per source,
-        and how many regularizer rows the step trains on, kept in the decision log beside the plan."""
+        and how many regularizer rows the step trains on, kept in the decision log beside the plan.
+        A step without the configured source is refused before anything is recorded: the controller
+        never plans from another signal than the one configured."""
         self._check_state()
+        wanted = self.config.entropy_source
+        if wanted not in entropies:
+            why = UNMEASURED.get(wanted, "the learners did not send it")
+            raise ValueError(f"controller.entropy_source {wanted!r} was not measured at step {step}: {why}. "
+                             f"Measured: {', '.join(sorted(entropies)) or 'nothing'}; choose one of those.")
         for source, entropy in entropies.items():
             self._observe(step, entropy, source)
         if selected is not None:
@@ -169,6 +177,10 @@ class ControllerCore:
         if last is not None and step < last["step"]:
             raise ValueError(f"observation for step {step} arrived after step {last['step']} ({source})")
         self._state["last"][source] = {"step": int(step), "entropy": entropy, "time": time.time()}
+        base = self._state.get("target_base")
+        # H0: the controlled signal's first value; a repeat of that step (a retried step 0) replaces it
+        if source == self.config.entropy_source and (base is None or (base["source"] == source and step <= base["step"])):
+            self._state["target_base"] = {"source": source, "step": int(step), "entropy": entropy}
         self.metrics.observed(source, entropy, self.target(step))
         return self._state["last"][source]
 
@@ -184,7 +196,7 @@ class ControllerCore:
         # starts from the integral before that step, so it is never counted twice
         pi = self._state.get("pi") or {"step": -1, "before": 0.0, "after": 0.0}
         before = pi["before"] if pi["step"] == step else pi["after"]
-        p = decide(entropy, step, self.algorithm.target, self.algorithm.rule, integral=before)
+        p = decide(entropy, step, self.algorithm.target, self.algorithm.rule, integral=before, base=self._base())
         if p.integral is not None:
             self._state["pi"] = {"step": int(step), "before": before, "after": p.integral}
         entry = {"step": int(step), "entropy": entropy, **p.to_dict()}
@@ -199,14 +211,29 @@ class ControllerCore:
         if state.get("run_id") != self.run_id:
             raise ValueError(f"checkpointed controller state belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
         self._state = {k: json.loads(json.dumps(state.get(k, default))) for k, default in
-                       (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}), ("pi", None))}
+                       (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}), ("pi", None),
+                        ("target_base", None))}
         self.store.save(self._state)
         self._lost = False
 
     # ------------------------------------------------------------------ inspection
     def target(self, step: int) -> float | None:
-        """The entropy target at `step`; None for an algorithm without one (GRPO, the baselines)."""
-        return target_at(self.algorithm.target, step) if self._is_aepo else None
+        """The absolute entropy target at `step`, in nats; None for an algorithm without one (GRPO,
+        the baselines) and for a relative target before H0 is known."""
+        return target_at(self.algorithm.target, step, self._base()) if self._is_aepo else None
+
+    def _base(self) -> float | None:
+        """H0 of a relative target: the configured source's first observed value (None before it,
+        and for an absolute target, which needs none)."""
+        base = self._state.get("target_base")
+        if base is None or not self.algorithm.target.relative:
+            return None
+        if base["source"] != self.config.entropy_source:
+            raise ValueError(f"the relative target's base H0 = {base['entropy']:.4f} was measured on source "
+                             f"{base['source']!r} (step {base['step']}); this run controls "
+                             f"{self.config.entropy_source!r}: resume with controller.entropy_source: {base['source']} "
+                             "or start a new run")
+        return base["entropy"]
 
     def state(self) -> dict[str, Any]:
         """Everything the controller knows: last observations, the decision log tail, its store."""

@@ -12,7 +12,11 @@ min(m, #positives) samples going up and min(m, #positives) // 2 going down.
 Here: the same bang-bang rule with T and m as configuration (m_up=60, m_down=30 by default,
 i.e. the down count is configured rather than halved at run time); an unobserved entropy
 plans "up", as the reference does; the target may follow any schedule over steps, which the
-paper claims works but its code does not offer.
+paper claims works but its code does not offer, and any schedule may be `relative`: its values
+are then multiples of H0, the controlled signal's first observed value (step 0 of a fresh run),
+so one config states "keep 80 % of the initial entropy" for models whose H0 differ. Before H0 is
+known the target is None, which happens only where no entropy has been observed either, so the
+plan is the unobserved one ("up"; the PI rule holds its integral), whatever the schedule.
 
 Below them, rivals for a same-budget benchmark (Skywork-OR1's adaptive entropy coefficient,
 EntroPIC's PI-weighted tokens): `decide` gives what the learner would apply; not yet wired in.
@@ -43,37 +47,48 @@ def _type_or(default: str):
     return Discriminator(pick)
 
 
-class ConstantTarget(_Strict):
-    """H*(step) = value."""
+class _Schedule(_Strict):
+    """A target schedule's shared switch: its values in nats, or as multiples of H0."""
+
+    # left out of a dump when false, so an absolute schedule dumps (and names its runs) as before
+    relative: bool = Field(
+        False, exclude_if=lambda v: not v,
+        description="true: every value of the schedule is a multiple of H0, the controlled signal's first "
+        "observed value (step 0), e.g. value 0.8 = 80 % of it; false: values in nats per token.",
+    )
+
+
+class ConstantTarget(_Schedule):
+    """H*(step) = value (× H0 when relative)."""
 
     type: Literal["constant"] = "constant"
-    value: float = Field(0.35, ge=0.0, description="Target entropy in nats per token.")
+    value: float = Field(0.35, ge=0.0, description="Target entropy in nats per token (relative: a multiple of H0).")
 
 
-class LinearTarget(_Strict):
+class LinearTarget(_Schedule):
     """H* moves linearly from `start` (step 0) to `end` (step `steps`), then stays at `end`."""
 
     type: Literal["linear"] = "linear"
-    start: float = Field(ge=0.0, description="Target at step 0, nats per token.")
-    end: float = Field(ge=0.0, description="Target from step `steps` on, nats per token.")
+    start: float = Field(ge=0.0, description="Target at step 0, nats per token (relative: a multiple of H0).")
+    end: float = Field(ge=0.0, description="Target from step `steps` on, nats per token (relative: a multiple of H0).")
     steps: int = Field(ge=1, description="Steps over which the target moves.")
 
 
-class CosineTarget(_Strict):
+class CosineTarget(_Schedule):
     """H* follows half a cosine from `start` (step 0) to `end` (step `steps`), then stays."""
 
     type: Literal["cosine"] = "cosine"
-    start: float = Field(ge=0.0, description="Target at step 0, nats per token.")
-    end: float = Field(ge=0.0, description="Target from step `steps` on, nats per token.")
+    start: float = Field(ge=0.0, description="Target at step 0, nats per token (relative: a multiple of H0).")
+    end: float = Field(ge=0.0, description="Target from step `steps` on, nats per token (relative: a multiple of H0).")
     steps: int = Field(ge=1, description="Steps over which the target moves.")
 
 
-class PiecewiseTarget(_Strict):
+class PiecewiseTarget(_Schedule):
     """H* = values[i] for boundaries[i-1] <= step < boundaries[i] (values has one more entry)."""
 
     type: Literal["piecewise"] = "piecewise"
     boundaries: list[int] = Field(description="Strictly increasing steps where the target changes.")
-    values: list[float] = Field(description="Targets, one more than boundaries, nats per token.")
+    values: list[float] = Field(description="Targets, one more than boundaries, nats per token (relative: multiples of H0).")
 
     @model_validator(mode="after")
     def _check(self) -> "PiecewiseTarget":
@@ -100,8 +115,16 @@ TargetSchedule = Annotated[
 ]
 
 
-def target_at(schedule: TargetSchedule, step: int) -> float:
-    """The target entropy H*(step) of a schedule."""
+def target_at(schedule: TargetSchedule, step: int, base: float | None = None) -> float | None:
+    """The target entropy H*(step) of a schedule, in nats. A relative schedule's value is scaled by
+    `base` (H0, the controlled signal's first observed value) and is None while H0 is unknown."""
+    value = _schedule_value(schedule, step)
+    if not schedule.relative:
+        return value
+    return None if base is None else value * base
+
+
+def _schedule_value(schedule: TargetSchedule, step: int) -> float:
     if isinstance(schedule, ConstantTarget):
         return schedule.value
     if isinstance(schedule, LinearTarget):
@@ -172,7 +195,7 @@ class Plan:
 
     temperature: float
     m: int
-    target: float
+    target: float | None  # None: a relative target before H0 is known (then nothing is observed either)
     direction: Literal["up", "down"]
     reason: str
     weight: float = 1.0  # the selected positives' advantage (1 = the paper's REINFORCE term)
@@ -183,17 +206,23 @@ class Plan:
 
 
 def plan(
-    entropy: float | None, step: int, schedule: TargetSchedule, rule: ControllerRule, integral: float = 0.0
+    entropy: float | None, step: int, schedule: TargetSchedule, rule: ControllerRule, integral: float = 0.0,
+    base: float | None = None,
 ) -> Plan:
     """Decide the regularizer's temperature, size and weight from the last observed entropy.
 
     `entropy` is None before the learners have published one; the reference code starts
     from entropy 0 and so goes up first, and so do we. `integral` is the PI rule's integral
-    before this step (ignored by bang-bang); the returned plan carries the updated one.
+    before this step (ignored by bang-bang); the returned plan carries the updated one. `base`
+    is H0 for a relative schedule: unknown (None) only before the first observation, when the
+    plan is the unobserved one and its target None.
     """
-    target = target_at(schedule, step)
+    target = target_at(schedule, step, base)
     if entropy is not None and not math.isfinite(entropy):
         raise ValueError(f"observed entropy must be finite, got {entropy}")
+    if entropy is not None and target is None:
+        raise ValueError(f"a relative target needs H0, the controlled signal's first value, to plan from H={entropy:.4f}: "
+                         "the controller's state has an observation but no base (a state from before relative targets)")
     if isinstance(rule, PIRule):
         return _pi_plan(entropy, target, rule, integral)
     if entropy is None:
@@ -216,7 +245,7 @@ def pi_step(error: float, integral: float, rule: PIRule) -> tuple[float, float]:
     return min(max(raw, -rule.u_max), rule.u_max), candidate
 
 
-def _pi_plan(entropy: float | None, target: float, rule: PIRule, integral: float) -> Plan:
+def _pi_plan(entropy: float | None, target: float | None, rule: PIRule, integral: float) -> Plan:
     if entropy is None:
         u, new_i, why = rule.ki * integral, integral, "no entropy observed yet: hold the integral"
     else:

@@ -44,7 +44,9 @@ class AEPOConfig(_PPOClip):
 
     type: Literal["aepo"] = "aepo"
     target: TargetSchedule = Field(
-        default_factory=lambda: ConstantTarget(value=0.35), description="Target entropy H*(step), nats per token."
+        default_factory=lambda: ConstantTarget(value=0.35),
+        description="Target H*(step) of the controlled signal (controller.entropy_source), nats per token; with "
+        "relative: true, multiples of that signal's first observed value.",
     )
     rule: ControllerRule = Field(default_factory=BangBangRule, description="The controller's decision rule.")
     adv_threshold: float = Field(
@@ -340,9 +342,12 @@ class RewardConfig(_Strict):
 class ControllerConfig(_Strict):
     """The entropy controller actor: its name, the signal it controls, optional Redis state."""
 
-    entropy_source: Literal["exact", "sampled"] = Field(
+    entropy_source: Literal["exact", "sampled", "content", "forking"] = Field(
         "exact",
-        description="exact: full-vocabulary token-mean entropy at T=1 of the GRPO batch; sampled: mean −log π(o_t) (the reference's signal).",
+        description="The signal the target applies to. exact: full-vocabulary token-mean entropy at T=1 of the GRPO "
+        "batch; sampled: mean −log π(o_t) over the mixed update batch (the reference's signal); content: exact minus "
+        "the choice of reward-irrelevant tokens (needs learner.entropy_analysis.irrelevant_tokens); forking: mean "
+        "exact entropy of the top forking_share (20 %) highest-entropy GRPO tokens.",
     )
     redis_url: str | None = Field(None, description="Persist controller state in Redis; None = in memory.")
     name: str = Field("aepo-entropy-controller", description="Name of the controller's Ray actor.")
@@ -450,6 +455,17 @@ class TrainConfig(_Strict):
             if not self.model.chat_template:
                 raise ValueError("data.type wordproblems with the built-in small LLM: set model.chat_template: true "
                                  "(the warm start teaches answers to chat-templated questions)")
+        return self
+
+    @model_validator(mode="after")
+    def _controlled_entropy_is_measured(self) -> "TrainConfig":
+        if self.controller.entropy_source == "content" and not learner_config(self).entropy_analysis.irrelevant_tokens:
+            why = ("learner.entropy_analysis.irrelevant_tokens is empty" if self.learner.entropy_analysis.irrelevant_tokens
+                   is not None else f"data.type {self.data.type!r} has none by default")
+            raise ValueError(
+                "controller.entropy_source 'content' is not measured in this run: it is the entropy left after the "
+                f"choice of reward-irrelevant tokens, and {why}. Set learner.entropy_analysis.irrelevant_tokens "
+                "(single tokens of the vocabulary), or control exact, sampled or forking (forking needs no token set)")
         return self
 
 

@@ -32,7 +32,12 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("aepo_steps_total", "counter", "RL steps finished by this process."),
     MetricSpec("aepo_policy_version", "gauge", "Policy version the rollout engines generate with."),
     MetricSpec("aepo_policy_entropy", "gauge", "Token-mean policy entropy at T=1 of the GRPO batch, nats.", ("run_id", "source")),
-    MetricSpec("aepo_entropy_target", "gauge", "Target entropy H* this step, nats."),
+    MetricSpec("aepo_entropy_target", "gauge", "Target entropy H* this step (of the controlled signal), nats."),
+    MetricSpec(
+        "aepo_entropy_controlled", "gauge",
+        "The signal the controller holds at H* (controller.entropy_source: exact | sampled | content | forking), nats.",
+        ("run_id", "source"),
+    ),
     MetricSpec("aepo_regularizer_temperature", "gauge", "Temperature the regularizer batch was drawn at."),
     MetricSpec("aepo_regularizer_max_selected", "gauge", "Most regularizer positives the controller allowed this step."),
     MetricSpec("aepo_regularizer_selected", "gauge", "Regularizer positives kept this step."),
@@ -129,6 +134,8 @@ class RunMetrics:
             key = "entropy" if source == "exact" else "entropy_sampled"
             if row.get(key) is not None:
                 self.set("aepo_policy_entropy", row[key], source=source)
+        if row.get("entropy_controlled") is not None:
+            self.set("aepo_entropy_controlled", row["entropy_controlled"], source=row.get("entropy_source") or "exact")
         optional = {
             "entropy_target": "aepo_entropy_target",
             "reg_temperature": "aepo_regularizer_temperature",

@@ -92,14 +92,16 @@ class MetricsLog:
 
 
 def tracking_error(rows: list[dict], *, second_half: bool = True) -> float | None:
-    """Mean |H − H*| (row["entropy"] vs row["entropy_target"]) over the rows given, or over the
+    """Mean |H − H*| (row["entropy_controlled"] vs row["entropy_target"]) over the rows given, or over the
     second half of them when `second_half` (the default: the settled part of a run, the number the
     run summary and the experiment report both call the tracking error).
 
     Rows without an entropy or without a target are skipped before the halving, so a step whose
     entropy was not measured neither counts nor shifts the half; None when no row has both.
     """
-    pts = [(r.get("entropy"), r.get("entropy_target")) for r in rows]
+    # the signal the controller steers (`entropy_controlled`: the mean unless controller.entropy_source
+    # says otherwise); rows written before it existed carry only the mean
+    pts = [(r.get("entropy_controlled", r.get("entropy")), r.get("entropy_target")) for r in rows]
     pts = [(h, t) for h, t in pts if h is not None and t is not None]
     if second_half:
         pts = pts[len(pts) // 2 :]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from controller.client import read_source
 from services import algorithm as A
 from services.config import AEPOConfig, RewardConfig, TrainConfig
 from services.contracts import RewardBackend, Sample
@@ -155,7 +156,9 @@ def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Sample
 
     `failures` is `verify`'s result: `reward_failures` keeps its outcome counts (after the
     re-verification), `reward_reverified` how many items were sent twice, `reward_masked` how
-    many samples (both batches) were left out of the update for want of a verdict."""
+    many samples (both batches) were left out of the update for want of a verdict.
+    `entropy_controlled` is this step's value of the signal the controller plans from
+    (`entropy_source`, controller.entropy_source), the one `entropy_target` (absolute, nats) is for."""
     masking = cfg.reward.on_failure == "mask"
     reward_grpo, acc_grpo = batch_stats(grpo, masking)
     reward_reg, acc_reg = batch_stats(reg, masking)
@@ -165,7 +168,9 @@ def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Sample
     return {
         "step": step, "algorithm": cfg.algorithm.type, "policy_version": policy_version,
         **{k: stats.get(k) for k in learned},
-        "entropy_target": plan.get("target"),  # only AEPO has a target, and it always plans
+        "entropy_source": cfg.controller.entropy_source,
+        "entropy_controlled": read_source(stats, cfg.controller.entropy_source),
+        "entropy_target": plan.get("target"),  # AEPO only; None for a relative target before H0 is known
         "reg_temperature": plan.get("temperature"), "reg_m": plan.get("m"),
         "reg_direction": plan.get("direction"), "reg_weight": plan.get("weight"),
         **sel,

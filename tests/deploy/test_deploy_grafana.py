@@ -106,6 +106,8 @@ def test_dashboard_answers_the_issue_questions():
     panel_with("aepo_weight_sync_seconds")
     panel_with("aepo_response_length_mean", "aepo_truncation_rate")
     panel_with("aepo_phase_seconds")
+    # the signal the controller holds (controller.entropy_source) beside the exact mean and the target
+    panel_with("aepo_entropy_controlled", 'aepo_policy_entropy{run_id=~"$run_id",source="exact"}', "aepo_entropy_target")
     panel_with("aepo_token_entropy")
     panel_with("aepo_token_entropy_share")
     panel_with("aepo_token_entropy_by_position")

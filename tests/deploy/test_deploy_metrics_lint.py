@@ -15,7 +15,7 @@ ROW = {
     "accuracy_grpo": 0.5, "reward_mean_regularizer": 0.3, "accuracy_regularizer": 0.3, "step_seconds": 2.0,
     "rollout_tokens_per_s": 6000.0, "learner_tokens_per_s": 7000.0, "weight_sync_seconds": 0.02,
     "time": {"rollout": 1.0}, "reward_failures": {"timeout": 1}, "eval_avg@8": 0.4, "eval_pass@8": 0.7,
-    "token_entropy": {"irrelevant": 0.2},
+    "token_entropy": {"irrelevant": 0.2}, "entropy_source": "forking", "entropy_controlled": 0.9,
 }
 
 

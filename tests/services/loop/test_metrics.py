@@ -15,7 +15,7 @@ ROW = {
     "step_seconds": 1.5, "time": {"rollout": 0.4, "learner": 0.6}, "reward_failures": {"timeout": 2, "error": 0},
     "eval_pass@8": 0.9, "token_entropy": {"irrelevant": 0.3, "content": 0.11, "forking": 1.2, "nonforking": None},
     "entropy_irrelevant_share": 0.73, "entropy_forking_share": 0.55, "entropy_by_position": [0.9, None, 0.2],
-    "reg_weight": 2.5, "reward_reverified": 5, "reward_masked": 2,
+    "reg_weight": 2.5, "reward_reverified": 5, "reward_masked": 2, "entropy_source": "content", "entropy_controlled": 0.11,
 }
 
 
@@ -27,6 +27,7 @@ def test_a_step_row_becomes_labelled_series():
         'aepo_policy_entropy{run_id="r1",source="exact"} 0.41',
         'aepo_policy_entropy{run_id="r1",source="sampled"} 0.44',
         'aepo_entropy_target{run_id="r1"} 0.35',
+        'aepo_entropy_controlled{run_id="r1",source="content"} 0.11',
         'aepo_regularizer_temperature{run_id="r1"} 0.8',
         'aepo_regularizer_selected{run_id="r1"} 17.0',
         'aepo_controller_decisions_total{direction="down",run_id="r1"} 1.0',

@@ -84,10 +84,11 @@ class FakeReward:
 
 
 class FakeLearner:
-    """Publishes a scripted entropy per step to the controller, like the real learners do."""
+    """Publishes a scripted entropy per step to the controller, like the real learners do; with
+    `split`, also where it lives (content = H − 0.1, forking = 2·H)."""
 
-    def __init__(self, controller, entropies, crash_at=None):
-        self.controller, self.entropies, self.crash_at = controller, entropies, crash_at
+    def __init__(self, controller, entropies, crash_at=None, split=False):
+        self.controller, self.entropies, self.crash_at, self.split = controller, entropies, crash_at, split
         self.version, self.batches = 0, []
 
     def update(self, batch, step):
@@ -98,6 +99,8 @@ class FakeLearner:
         stats = {"entropy": h, "entropy_sampled": h + 0.01, "entropy_sampled_batch": h + 0.02,
                  "entropy_regularizer": float("nan"), "reg_selected": int(batch.is_regularizer.sum()), "pg_loss": 0.0,
                  "tokens_per_s": 100.0}
+        if self.split:
+            stats["token_entropy"] = {"irrelevant": 0.1, "content": h - 0.1, "forking": 2 * h, "nonforking": h / 2}
         publish_entropy(self.controller, step, stats)
         self.version += 1
         return stats
@@ -135,9 +138,9 @@ def items(n, split="train"):
     return [PromptItem(f"{split}-{i}", f"q{i}", {"a": i}, "exact") for i in range(n)]
 
 
-def build(tmp_path, cfg, entropies=(0.5,), crash_at=None, reward=None, store=None):
+def build(tmp_path, cfg, entropies=(0.5,), crash_at=None, reward=None, store=None, split=False):
     ctl = FakeController(cfg, store)
-    learner = FakeLearner(ctl, list(entropies), crash_at)
+    learner = FakeLearner(ctl, list(entropies), crash_at, split)
     parts = Components(FakeRollout(ctl), reward or FakeReward(), learner, ctl, CharTokenizer())
     return Trainer(cfg, parts, items(12), items(3, "eval"), tmp_path / "run", progress=False), parts
 
@@ -234,3 +237,43 @@ def test_a_killed_run_resumes_at_the_checkpoint_with_controller_state_and_data_p
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
     assert parts2.learner.version == 5 and rows[-1]["policy_version"] == 5
+
+
+def _aepo(target):
+    return {"type": "aepo", "target": target, "prompt_share": 0.5, "rule": {"m_up": 6, "m_down": 3}, "mode": "replace"}
+
+
+def test_the_controller_holds_the_configured_part_of_the_entropy_and_the_row_says_which(tmp_path):
+    cfg = make_cfg(algorithm=_aepo({"type": "constant", "value": 0.5}), controller={"entropy_source": "forking"},
+                   trainer={"steps": 2})
+    trainer, _ = build(tmp_path, cfg, entropies=(0.3,), split=True)
+    rows = [trainer.train_step() for _ in range(2)]
+    assert [(r["entropy_source"], r["entropy"], r["entropy_controlled"]) for r in rows] == [("forking", 0.3, 0.6)] * 2
+    # step 1 plans from forking 0.6 > H* 0.5: down, though the mean 0.3 is below the target
+    assert [r["reg_direction"] for r in rows] == ["up", "down"] and rows[1]["entropy_target"] == 0.5
+
+
+def test_a_relative_target_keeps_its_absolute_value_across_a_crash_and_resume(tmp_path):
+    cfg = make_cfg(algorithm=_aepo({"type": "constant", "value": 0.8, "relative": True}),
+                   trainer={"steps": 5, "save_every": 2})
+    hs = (0.5, 0.2, 0.5, 0.2, 0.5)
+    first, _ = build(tmp_path, cfg, entropies=hs, crash_at=3)
+    with pytest.raises(RuntimeError, match="learner died"):
+        first.fit()
+    second, _ = build(tmp_path, cfg, entropies=hs)  # a fresh in-memory controller, restored from the checkpoint
+    second.fit(resume=True)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    # step 0 plans before H0 is known (target None, up); then H* = 0.8 x H0 = 0.8 x 0.5 = 0.4 on both sides of the crash
+    assert [r["entropy_target"] for r in rows] == [None] + [pytest.approx(0.4)] * 4
+    assert [r["reg_direction"] for r in rows] == ["up", "down", "up", "down", "up"]
+    assert all(r["entropy_controlled"] == r["entropy"] for r in rows)  # source exact: the mean itself
+
+
+def test_a_controlled_source_the_learners_do_not_measure_stops_the_first_step(tmp_path):
+    # countdown has reward-irrelevant tokens, so the config is valid; these learners report no split
+    cfg = make_cfg(controller={"entropy_source": "content"})
+    trainer, parts = build(tmp_path, cfg)
+    with pytest.raises(ValueError, match="controller.entropy_source 'content' was not measured at step 0"):
+        trainer.train_step()
+    assert parts.controller.state()["last"] == {}
