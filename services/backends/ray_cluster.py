@@ -213,6 +213,16 @@ def start_reward(cfg: TrainConfig) -> tuple[str, Any]:
     return deploy(replicas=rc.replicas), None
 
 
+def check_output_dir(cfg: TrainConfig) -> None:
+    """Before anything starts: an absolute directory on a cluster, and one every node sees
+    (services/backends/storage.py)."""
+    from services.backends.storage import check_shared, require_absolute
+
+    require_absolute(cfg.trainer.output_dir, on_cluster=bool(os.environ.get("RAY_ADDRESS")))
+    os.makedirs(cfg.trainer.output_dir, exist_ok=True)
+    check_shared(cfg.trainer.output_dir, cfg.recovery.start_timeout_s)
+
+
 def new_run_id(run_name: str) -> str:
     """A fresh run's id: its controller state (in Redis, in checkpoints) is keyed by it, so a rerun
     under the same run_name never inherits an old run's state."""
@@ -288,6 +298,7 @@ class System(PolicySystem):
         self.run_id = run_id or new_run_id(cfg.run_name)
         self._closers: list = []
         init_ray(quiet=quiet)
+        check_output_dir(cfg)
         self.reward_url, closer = start_reward(cfg)
         if closer is not None:
             self._closers.append(closer.close)
