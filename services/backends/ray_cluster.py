@@ -344,8 +344,7 @@ class System(PolicySystem):
             self.learners.abort()
             self._start_learners()
         elif role == "rollout":
-            for a in self.pool.actors:
-                ray.kill(a, no_restart=True)
+            self.pool.abort()
             self._start_rollout()
         elif role == "controller":
             ray.kill(self.controller_handle, no_restart=True)

@@ -49,10 +49,9 @@ def _get_one(ref, others: list, role: str, what: str) -> Any:
         dead = _dead_peer(others)
         if dead is not None:
             raise RoleFailure(role, f"{what}: an actor died ({dead}); a peer then failed with {_first_line(exc)}") from exc
-        cause = exc.as_instanceof_cause()
-        if isinstance(getattr(exc, "cause", None), RoleFailure):
+        if isinstance(getattr(exc, "cause", None), RoleFailure):  # e.g. a controller that lost its state
             raise exc.cause from None
-        raise cause from None
+        raise exc.as_instanceof_cause() from None
 
 
 def _dead_peer(others: list) -> str | None:

@@ -28,13 +28,12 @@ def require_absolute(output_dir: str, on_cluster: bool) -> None:
 
 def write_probe(directory: str, who: str, token: str) -> str:
     """Write `token` to a new probe file under `directory`; returns its name."""
+    from services.loop.durable import write_text
+
     probe = Path(directory) / PROBE_DIR
     probe.mkdir(parents=True, exist_ok=True)
     name = f"{who}-{uuid.uuid4().hex[:8]}"
-    with open(probe / name, "w") as fh:
-        fh.write(token)
-        fh.flush()
-        os.fsync(fh.fileno())
+    write_text(probe / name, token)
     return name
 
 

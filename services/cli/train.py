@@ -52,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
     """Run the config; exit 0 when it finished, 128 + the signal when SIGTERM/SIGINT stopped it
     after a checkpoint, 2 when the output directory and --resume/--overwrite disagree."""
     from services.loop import checkpoint, interrupt
-    from services.loop.trainer import RunDirNotEmpty
+    from services.loop.outputs import RunDirNotEmpty
 
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         print("aepo train: --resume and --overwrite contradict each other", file=sys.stderr)
@@ -219,8 +219,7 @@ def run_id_for(cfg, out: Path, resume: bool) -> str:
         return new_run_id(cfg.run_name)
     saved = checkpoint.saved_run_id(out)
     if saved is None:
-        raise checkpoint.NoCheckpoint(f"nothing to resume in {out}: no intact checkpoint under {checkpoint.checkpoint_root(out)} "
-                                      f"(the run checkpoints every {cfg.trainer.save_every} steps); start it again with --overwrite")
+        raise checkpoint.nothing_to_resume(out, cfg.trainer.save_every)
     return saved
 
 

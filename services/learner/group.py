@@ -9,8 +9,7 @@ import torch
 
 from controller.client import ControllerClient
 from services.backends.remote import wait_all
-from services.config import AlgorithmConfig, LearnerConfig
-from services.config import RecoveryConfig
+from services.config import AlgorithmConfig, LearnerConfig, RecoveryConfig
 from services.contracts import RoleTimeout
 from services.learner.batch import TrainBatch, shard_batch, shard_for_ranks
 from services.learner.worker import LearnerWorker

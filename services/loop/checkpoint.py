@@ -37,6 +37,12 @@ class NoCheckpoint(RuntimeError):
     """There is nothing to resume from (no checkpoint, or none that is intact)."""
 
 
+def nothing_to_resume(output_dir: str | Path, save_every: int) -> NoCheckpoint:
+    """The error `--resume` gives for a directory without an intact checkpoint."""
+    return NoCheckpoint(f"nothing to resume in {output_dir}: no intact checkpoint under {checkpoint_root(output_dir)} "
+                        f"(the run checkpoints every {save_every} steps); start it again with --overwrite")
+
+
 def checkpoint_root(output_dir: str | Path) -> Path:
     """Where a run's checkpoints live."""
     return Path(output_dir) / "checkpoints"

@@ -36,13 +36,18 @@ def fsync_files(directory: str | Path, names: list[str]) -> dict[str, int]:
     return sizes
 
 
-def write_json(path: str | Path, obj: dict, indent: int | None = 2) -> None:
+def write_text(path: str | Path, text: str) -> None:
     """Atomic and durable: a temporary file, fsynced, renamed over `path`, the directory fsynced."""
     path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with tmp.open("w") as fh:
-        fh.write(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_json(path: str | Path, obj: dict, indent: int | None = 2) -> None:
+    """`obj` as JSON, atomic and durable (`write_text`)."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=True) + "\n")

@@ -71,13 +71,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep rows with row['step'] <= step (used when resuming from a checkpoint at `step`)."""
         kept = [r for r in self.rows() if r["step"] <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with tmp.open("w") as fh:
-            fh.write("".join(json.dumps(r) + "\n" for r in kept))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        durable.fsync_dir(self.path.parent)
+        durable.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def last_step(self) -> int | None:
         """The step of the last intact row (None when there is none)."""

@@ -64,7 +64,6 @@ def restore_controller(trainer: "Trainer", planned: bool, stats: dict | None) ->
         controller.plan(trainer.step)  # same state, same step: the same plan (the PI integral is not counted twice)
     if stats is not None:
         publish_entropy(controller, trainer.step, stats)
-    trainer.controller_restores += 1
     record(trainer, {"event": "controller_restored", "replayed_plan": planned, "replayed_entropy": stats is not None})
     log.warning("step %d: the entropy controller restarted without its state; restored it from the driver's copy",
                 trainer.step)

@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.config import AEPOConfig, TrainConfig
-from services.contracts import Components, Sample
+from services.contracts import Components, RoleFailure, Sample
 from services.data.datasets import PromptItem, PromptStream
 from services.learner.batch import TrainBatch
-from services.contracts import RoleFailure
 from services.loop import checkpoint, evaluation, interrupt, recovery
-from services.loop.outputs import MetricsLog, RunDirNotEmpty, claim_output_dir, plot_entropy, summarize, write_json  # noqa: F401
+from services.loop.outputs import MetricsLog, claim_output_dir, plot_entropy, summarize, write_json
 from services.loop.tracking import make_loggers
 from services.loop.steps import assemble, step_row, step_seed, verify
 from services.loop.watchdog import Watchdog
@@ -63,7 +62,6 @@ class Trainer:
     _prompt_ids: dict[str, list[int]] = field(default_factory=dict)
     # failing and coming back (services/loop/recovery.py)
     recoveries: dict[str, int] = field(default_factory=dict)  # rollbacks per failed role
-    controller_restores: int = 0
     controller_copy: dict | None = None  # the controller's state after the last complete step
     initial_state: dict | None = None  # the driver's state at step 0 (a rollback before any checkpoint)
     step_planned: bool = False  # the current step's plan / entropy reached the controller
@@ -81,6 +79,7 @@ class Trainer:
                                     self.cfg.model_dump(mode="json"))
         self.watchdog: Watchdog | None = None
         self._last_save = time.monotonic()
+        self._saved: tuple[int, Path] | None = None  # (step, checkpoint) last written by this process
 
     # ------------------------------------------------------------------ helpers
     def encoded(self, items: list[PromptItem]) -> list[tuple[PromptItem, list[int]]]:
@@ -209,7 +208,7 @@ class Trainer:
         """Model + optimizer (sharded, by the learners), data position, RNG and controller state,
         and `row`, the metrics row of the last step (services/loop/checkpoint.py)."""
         path = checkpoint.save(self, row)
-        self._last_save = time.monotonic()
+        self._last_save, self._saved = time.monotonic(), (self.step, path)
         return path
 
     def resume(self) -> bool:
@@ -237,9 +236,7 @@ class Trainer:
         otherwise the output directory must hold no earlier run, unless `overwrite` clears it."""
         if resume:
             if not self.resume():
-                raise checkpoint.NoCheckpoint(
-                    f"nothing to resume in {self.output_dir}: no intact checkpoint under {checkpoint.checkpoint_root(self.output_dir)} "
-                    f"(the run checkpoints every {self.cfg.trainer.save_every} steps); start it again with --overwrite")
+                raise checkpoint.nothing_to_resume(self.output_dir, self.cfg.trainer.save_every)
         else:
             claim_output_dir(self.output_dir, overwrite)
         before = self.evaluate(0) if not resume and self.eval_items else None
@@ -273,8 +270,8 @@ class Trainer:
                 bar.set_postfix_str(_postfix(row), refresh=False)
             signum = interrupt.requested()
             if signum is not None and self.step < self.cfg.trainer.steps:
-                latest = checkpoint.latest_intact(self.output_dir)
-                path = latest[0] if latest and latest[1]["step"] == self.step else self.save_checkpoint(row=row)
+                saved = self._saved is not None and self._saved[0] == self.step
+                path = self._saved[1] if saved else self.save_checkpoint(row=row)
                 recovery.record(self, {"event": "interrupted", "signal": signum, "checkpoint": path.name})
                 raise interrupt.Interrupted(signum, self.step, str(path))
 

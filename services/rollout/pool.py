@@ -14,10 +14,8 @@ import time
 from typing import Any, Sequence
 
 from services.backends.remote import get_one, wait_all
-from services.config import RolloutConfig
-from services.contracts import Sample
-from services.config import RecoveryConfig
-from services.contracts import RoleFailure, RoleTimeout
+from services.config import RecoveryConfig, RolloutConfig
+from services.contracts import RoleFailure, RoleTimeout, Sample
 from services.rollout.service import RolloutResult, RolloutService, SamplingRequest
 
 log = logging.getLogger("aepo")
@@ -65,7 +63,7 @@ class RolloutPool:
             for a, chunk in enumerate(_split(list(req.prompts), k)):
                 per_actor[a].append(SamplingRequest(chunk, req.n, req.temperature, req.top_p, req.max_tokens))
         t0 = time.perf_counter()
-        results = [self._call(a, "generate_many", reqs, None if seed is None else seed + 7919 * a, defer=True)
+        results = [self._send(a, "generate_many", reqs, None if seed is None else seed + 7919 * a)
                    for a, reqs in enumerate(per_actor)]
         results = [self._finish(a, r) for a, r in enumerate(results)]
         wall = time.perf_counter() - t0
@@ -75,10 +73,9 @@ class RolloutPool:
         stats = {"gen_s": wall, "gen_tokens": tokens, "gen_tokens_per_s": tokens / max(wall, 1e-9)}
         return RolloutResult(merged, stats)
 
-    def _call(self, a: int, method: str, *args, defer: bool = False):
-        """Call actor `a`; `defer`: return a pending call for `_finish` (so actors run at once)."""
-        pending = (method, args, getattr(self.actors[a], method).remote(*args))
-        return pending if defer else self._finish(a, pending)
+    def _send(self, a: int, method: str, *args):
+        """Start a call on actor `a`; `_finish` waits for it (so the actors run at once)."""
+        return method, args, getattr(self.actors[a], method).remote(*args)
 
     def _finish(self, a: int, pending) -> Any:
         """The pending call's result; a dead or hung actor is revived (re-synced) and asked again, once."""
@@ -92,12 +89,15 @@ class RolloutPool:
                 import ray
 
                 ray.kill(self.actors[a], no_restart=False)
-            self._revive(a)
+            synced = self._revive(a)
+            if method == "load_weights" and synced is not None:  # the revival loaded these very weights
+                return synced
             return get_one(getattr(self.actors[a], method).remote(*args), timeout, "rollout",
                            f"rollout actor {a}: {method} (after a restart)")
 
-    def _revive(self, a: int) -> None:
-        """Actor `a` restarted (by Ray, or here when it is beyond restarting) and on the current weights."""
+    def _revive(self, a: int) -> dict | None:
+        """Actor `a` restarted (by Ray, or here when it is beyond restarting) and on the current
+        weights; returns that re-sync's stats (None while the pool is on the initial weights)."""
         import ray
 
         try:
@@ -106,10 +106,11 @@ class RolloutPool:
             ray.kill(self.actors[a], no_restart=True)
             self.actors[a] = self._spawn(a)
             get_one(self.actors[a].ready.remote(), self.recovery.start_timeout_s, "rollout", f"rollout actor {a} replaced")
-        if self._weights is not None:
-            get_one(self.actors[a].load_weights.remote(self.version, self._weights), self.recovery.sync_timeout_s,
-                    "rollout", f"rollout actor {a}: re-sync to policy version {self.version}")
         self.restarts += 1
+        if self._weights is None:
+            return None
+        return get_one(self.actors[a].load_weights.remote(self.version, self._weights), self.recovery.sync_timeout_s,
+                       "rollout", f"rollout actor {a}: re-sync to policy version {self.version}")
 
     def _check_versions(self, batches: list[list[Sample]]) -> None:
         stale = {s.policy_version for batch in batches for s in batch if s.policy_version != self.version}
@@ -132,7 +133,7 @@ class RolloutPool:
 
         ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
         t0 = time.perf_counter()
-        pending = [self._call(a, "load_weights", version, ref, defer=True) for a in range(len(self.actors))]
+        pending = [self._send(a, "load_weights", version, ref) for a in range(len(self.actors))]
         self.version, self._weights = int(version), ref  # an actor revived below must get these weights
         per_actor = [self._finish(a, p) for a, p in enumerate(pending)]
         return {
@@ -147,12 +148,16 @@ class RolloutPool:
 
     def shutdown(self) -> None:
         """Close the engines and end the actors (best effort: a dead actor is only killed)."""
-        import ray
-
         try:
             wait_all([a.close.remote() for a in self.actors], 60.0, "rollout", "closing the engines")
         except Exception as exc:  # noqa: BLE001 - teardown goes on
             log.warning("rollout shutdown: %s", exc)
+        self.abort()
+
+    def abort(self) -> None:
+        """End the actors without asking them (one may be dead or hung)."""
+        import ray
+
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors = []
