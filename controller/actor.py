@@ -1,7 +1,8 @@
 """The entropy controller: the pure rule (controller.rule) plus state, persistence and metrics.
 
 The learners publish each step's entropy here, every measured source at once (`publish`); the
-rollout service asks for the regularizer plan here (`plan`), which reads the configured source
+rollout service asks for AEPO's regularizer plan here (`plan`), and the driver asks for a rival
+rule's levers on the loss (the same `plan`), both from the configured source
 (`controller.entropy_source`). The driver never computes a decision. With a Redis URL the state
 (last observation per source, the relative target's base H0, the decision log's tail) lives in
 Redis, so a restarted controller makes the same next decision; otherwise it lives in memory.
@@ -19,8 +20,8 @@ import time
 from typing import Any, Protocol
 
 from controller.client import PUBLISHED, UNMEASURED, LocalControllerClient
-from controller.rule import Plan, plan as decide, target_at
-from services.config import AEPOConfig, AlgorithmConfig, ControllerConfig
+from controller.rule import Plan, decide as decide_rival, plan as decide, target_at
+from services.config import CONTROLLED_TYPES, RIVAL_TYPES, AlgorithmConfig, ControllerConfig
 from services.contracts import ControllerStateLost
 
 SOURCES = tuple(PUBLISHED)  # exact, sampled, content, forking
@@ -186,12 +187,16 @@ class ControllerCore:
 
     # ------------------------------------------------------------------ the rollout service's side
     def plan(self, step: int) -> dict:
-        """The regularizer plan for `step`: {temperature, m, target, direction, reason, entropy}."""
-        if not self._is_aepo:
-            raise ValueError(f"algorithm {self.algorithm.type!r} has no regularizer to plan")
+        """The decision for `step`: AEPO's regularizer plan {temperature, m, target, direction,
+        reason, entropy, weight}, or a rival rule's levers {entropy_coef, positive_weight,
+        negative_weight, prob_threshold, alpha, target, direction, reason, entropy}."""
+        if not self._has_target:
+            raise ValueError(f"algorithm {self.algorithm.type!r} has no entropy target to plan for")
         self._check_state()
         seen = self._state["last"].get(self.config.entropy_source)
         entropy = seen["entropy"] if seen is not None else None
+        if isinstance(self.algorithm, RIVAL_TYPES):
+            return self._log_entry(step, entropy, self._rival_decision(step, entropy))
         # the PI rule's integral: planning the same step again (a retried step, a resumed run)
         # starts from the integral before that step, so it is never counted twice
         pi = self._state.get("pi") or {"step": -1, "before": 0.0, "after": 0.0}
@@ -199,11 +204,24 @@ class ControllerCore:
         p = decide(entropy, step, self.algorithm.target, self.algorithm.rule, integral=before, base=self._base())
         if p.integral is not None:
             self._state["pi"] = {"step": int(step), "before": before, "after": p.integral}
-        entry = {"step": int(step), "entropy": entropy, **p.to_dict()}
+        self.metrics.planned(p)
+        return self._log_entry(step, entropy, p.to_dict())
+
+    def _rival_decision(self, step: int, entropy: float | None) -> dict:
+        """A rival rule's levers; its state (Skywork's coefficient, EntroPIC's integral) is kept
+        before and after each step, so a retried or resumed step starts from the state before it."""
+        rival = self._state.get("rival") or {"step": -1, "before": None, "after": None}
+        before = rival["before"] if rival["step"] == step else rival["after"]
+        target = self.target(step)  # None only before H0 of a relative target, when nothing is observed
+        decision, after = decide_rival(self.algorithm.rule, entropy, step, 0.0 if target is None else target, before)
+        self._state["rival"] = {"step": int(step), "before": before, "after": after}
+        return {**decision, "target": target}
+
+    def _log_entry(self, step: int, entropy: float | None, decision: dict) -> dict:
+        entry = {"step": int(step), "entropy": entropy, **decision}
         log = [e for e in self._state["log"] if e["step"] != step] + [entry]
         self._state["log"] = log[-self.log_tail :]
         self.store.save(self._state)
-        self.metrics.planned(p)
         return entry
 
     def restore(self, state: dict) -> None:
@@ -212,7 +230,7 @@ class ControllerCore:
             raise ValueError(f"checkpointed controller state belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
         self._state = {k: json.loads(json.dumps(state.get(k, default))) for k, default in
                        (("run_id", self.run_id), ("last", {}), ("log", []), ("selected", {}), ("pi", None),
-                        ("target_base", None))}
+                        ("rival", None), ("target_base", None))}
         self.store.save(self._state)
         self._lost = False
 
@@ -220,7 +238,7 @@ class ControllerCore:
     def target(self, step: int) -> float | None:
         """The absolute entropy target at `step`, in nats; None for an algorithm without one (GRPO,
         the baselines) and for a relative target before H0 is known."""
-        return target_at(self.algorithm.target, step, self._base()) if self._is_aepo else None
+        return target_at(self.algorithm.target, step, self._base()) if self._has_target else None
 
     def _base(self) -> float | None:
         """H0 of a relative target: the configured source's first observed value (None before it,
@@ -245,8 +263,8 @@ class ControllerCore:
         }
 
     @property
-    def _is_aepo(self) -> bool:
-        return isinstance(self.algorithm, AEPOConfig)
+    def _has_target(self) -> bool:  # an entropy target: AEPO or a rival rule
+        return isinstance(self.algorithm, CONTROLLED_TYPES)
 
 
 class EntropyControllerActor(LocalControllerClient):

@@ -19,7 +19,8 @@ known the target is None, which happens only where no entropy has been observed 
 plan is the unobserved one ("up"; the PI rule holds its integral), whatever the schedule.
 
 Below them, rivals for a same-budget benchmark (Skywork-OR1's adaptive entropy coefficient,
-EntroPIC's PI-weighted tokens): `decide` gives what the learner would apply; not yet wired in.
+EntroPIC's PI-weighted tokens): `decide` gives the levers the learners apply to the loss
+(`services.algorithm.policy_loss(levers=...)`; algorithm types adaptive_entropy and entropic).
 """
 
 from __future__ import annotations
@@ -263,8 +264,8 @@ def _pi_plan(entropy: float | None, target: float | None, rule: PIRule, integral
 # ----------------------------------------------------------------------------- rival rules
 # Rivals to AEPO's controller for a same-budget benchmark, pure like the rules above: `decide`
 # maps (rule, last entropy, step, target, state) to a decision the learner applies and a new
-# JSON state the controller persists. Not yet wired into the loss. Every decision has the same
-# keys, so a learner can apply any rival blindly: the loss gains −entropy_coef·H, and tokens whose
+# JSON state the controller persists. Every decision has the same keys, so the learners apply any
+# rival blindly (services.algorithm.policy_loss): the loss gains −entropy_coef·H, and tokens whose
 # probability exceeds prob_threshold get their policy-gradient term scaled by positive_weight
 # (advantage > 0) or negative_weight (advantage < 0); a rival that does not use a lever leaves it
 # neutral (coefficient 0, weights 1).

@@ -18,37 +18,33 @@ What the reference implementation (github 597358816/AEPO, verl fork) does:
     update batch, regularizer rows included; going down it keeps min(m, #pos) // 2.
 
 What this module does, and where it differs:
-  * `group_advantages` uses the unbiased std, as the reference.
   * `policy_loss` computes the regularizer rows' term as REINFORCE without clipping
-    (identical gradient to the reference at ratio 1; it differs only if one batch is used for
-    several optimizer steps, where the reference would clip it), times an explicit
-    coefficient `coef` (alpha; 1.0 reproduces the reference).
+    (the reference's gradient at ratio 1; with several optimizer steps per batch the reference
+    would clip it), times an explicit `coef` (alpha; 1.0 reproduces the reference).
   * Two layouts: `replace` (the reference) and `append` (nothing dropped; the regularizer term
     is normalised by the GRPO token count, so GRPO's gradient is unchanged).
-  * The controller's entropy signal defaults to the exact full-vocabulary entropy at T=1 of
-    the GRPO rows (`exact_entropy`); the reference's estimate is `sampled_entropy_estimate`.
-  * approx_kl is Schulman's k3 estimator ((r - 1) - log r, >= 0); the reference logs k1.
+  * The controlled entropy defaults to the exact one at T=1 of the GRPO rows (`exact_entropy`);
+    the reference's estimate is `sampled_entropy_estimate`.
+  * approx_kl is Schulman's k3 ((r - 1) - log r, >= 0); the reference logs k1.
   * Clip-Cov and KL-Cov follow Cui et al. 2025 (and verl's implementation of them): Clip-Cov
     keeps PPO's clip and zeroes the gradient of max(1, int(ratio * n)) random tokens whose
     centred covariance lies in (lb, ub); KL-Cov drops PPO's clip and adds coef*|log r| on the
-    top max(1, int(ratio * n)) tokens by covariance. Covariances are taken over the GRPO
-    tokens of the micro-batch passed in.
+    top max(1, int(ratio * n)) tokens by covariance, over the micro-batch's GRPO tokens.
 
-Losses are returned as *sums over the given tokens divided by `normalizer`*, so micro-batches
-(and data-parallel ranks) add up to the token-mean of the whole batch; pass the global token
-count as `normalizer` (see `loss_token_count`).
+Losses are sums over the given tokens / `normalizer` (the global `loss_token_count`), so
+micro-batches and ranks add up to the whole batch's token-mean. Rival controllers' levers too.
 """
 
 from __future__ import annotations
 
-import math
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from services.config import (
     AEPOConfig,
+    AdaptiveEntropyConfig,
     AEPOSignedConfig,
     AlgorithmConfig,
     ClipCovConfig,
@@ -314,8 +310,8 @@ def loss_token_count(cfg: AlgorithmConfig, mask: torch.Tensor, is_regularizer: t
 
 
 def needs_entropy(cfg: AlgorithmConfig) -> bool:
-    """True when `policy_loss` needs the per-token entropy (with grad for Entropy-Reg)."""
-    return isinstance(cfg, (EntropyRegConfig, EntropyAdvConfig))
+    """True when `policy_loss` needs the per-token entropy (with grad for Entropy-Reg and the adaptive bonus)."""
+    return isinstance(cfg, (EntropyRegConfig, EntropyAdvConfig, AdaptiveEntropyConfig))
 
 
 # ----------------------------------------------------------------------------- policy losses
@@ -396,6 +392,29 @@ def entropy_advantage(adv: torch.Tensor, entropy: torch.Tensor, alpha: float, ka
     return adv + torch.minimum(alpha * entropy.detach(), adv.abs() / kappa)
 
 
+def confident_token_weights(old_logp: torch.Tensor, adv: torch.Tensor, levers: Mapping) -> torch.Tensor | None:
+    """A rival controller's weights on the policy-gradient term (EntroPIC): 1 everywhere, except
+    tokens the behaviour policy gave probability > prob_threshold, which get positive_weight where
+    their advantage is > 0 and negative_weight where it is < 0. None when no lever is set."""
+    threshold = levers.get("prob_threshold")
+    w_pos, w_neg = float(levers.get("positive_weight", 1.0)), float(levers.get("negative_weight", 1.0))
+    if threshold is None or (w_pos == 1.0 and w_neg == 1.0):
+        return None
+    confident, w = old_logp.detach().exp() > float(threshold), torch.ones_like(old_logp, requires_grad=False)
+    w = torch.where(confident & (adv > 0), w_pos, w)
+    return torch.where(confident & (adv < 0), w_neg, w)
+
+
+def _entropy_bonus(cfg: AlgorithmConfig, entropy, grpo_mask: torch.Tensor, normalizer: float, levers: Mapping):
+    """β·H summed over the GRPO tokens / normalizer: Entropy-Reg's fixed β or a rival's entropy_coef."""
+    beta = cfg.beta if isinstance(cfg, EntropyRegConfig) else float(levers.get("entropy_coef", 0.0))
+    if not beta:
+        return torch.zeros((), dtype=grpo_mask.dtype)
+    if entropy is None:
+        raise ValueError(f"an entropy coefficient of {beta} needs the per-token entropy")
+    return beta * (entropy * grpo_mask).sum() / normalizer
+
+
 def _check_loss_inputs(cfg: AlgorithmConfig, normalizer: float, is_reg: torch.Tensor, entropy) -> None:
     if normalizer <= 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer}")
@@ -425,6 +444,7 @@ def policy_loss(
     normalizer: float,
     entropy: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    levers: Mapping | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The whole policy loss of one (micro-)batch for any algorithm in the config union.
 
@@ -433,6 +453,10 @@ def policy_loss(
     advantage is 1 (or signed, for the ablation) as returned by `select_regularizer`.
     GRPO rows get the algorithm's policy-gradient loss, regularizer rows
     -coef * A * log pi(o_t). Both are summed over tokens and divided by `normalizer`.
+
+    `levers` is a rival controller's decision for the step (`controller.rule.decide`):
+    `confident_token_weights` scale the GRPO rows' per-token term, and entropy_coef c adds
+    −c·H over the GRPO tokens (the adaptive bonus; Entropy-Reg's β is a fixed c).
 
     Returns (loss, stats) where pg_loss, reg_loss, entropy_bonus are additive across
     micro-batches and clipped_tokens, approx_kl_sum, grpo_tokens, reg_tokens are raw sums.
@@ -447,6 +471,9 @@ def policy_loss(
     if isinstance(cfg, EntropyAdvConfig):
         adv = entropy_advantage(adv, entropy, cfg.alpha, cfg.kappa)
     tok_loss, clipped, kl = _pg_token_loss(cfg, logp, old_logp, adv, grpo_mask, generator)
+    weights = confident_token_weights(old_logp, adv, levers or {})
+    if weights is not None:
+        tok_loss = tok_loss * weights
 
     pg_loss = (tok_loss * grpo_mask).sum() / normalizer
     loss = pg_loss
@@ -454,10 +481,8 @@ def policy_loss(
     if isinstance(cfg, AEPOConfig):
         reg_loss = (-cfg.coef * adv * logp * reg_mask).sum() / normalizer
         loss = loss + reg_loss
-    bonus = torch.zeros((), dtype=logp.dtype)
-    if isinstance(cfg, EntropyRegConfig):
-        bonus = cfg.beta * (entropy * grpo_mask).sum() / normalizer
-        loss = loss - bonus
+    bonus = _entropy_bonus(cfg, entropy, grpo_mask, normalizer, levers or {})
+    loss = loss - bonus
     stats = {
         "pg_loss": float(pg_loss.detach()),
         "reg_loss": float(reg_loss.detach()),
@@ -473,27 +498,3 @@ def policy_loss(
 def is_signed_regularizer(cfg: AlgorithmConfig) -> bool:
     """True for the signed-advantage ablation (negatives kept in the regularizer)."""
     return isinstance(cfg, AEPOSignedConfig)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable product.
-
-    1 - prod_{i=n-c+1}^{n} (1 - k/i), summed in log space: exact to float precision for
-    n in the thousands, where the binomials themselves overflow.
-    """
-    if not (0 <= c <= n) or not (1 <= k <= n):
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    log_fail = sum(math.log1p(-k / i) for i in range(n - c + 1, n + 1))
-    return 1.0 - math.exp(log_fail)
-
-
-def avg_at_k(correct: torch.Tensor) -> float:
-    """avg@k: mean correctness over prompts × k samples ([P, k] of 0/1)."""
-    if correct.numel() == 0:
-        raise ValueError("avg@k of no samples")
-    return float(correct.float().mean())

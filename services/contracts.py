@@ -81,8 +81,9 @@ class RewardBackend(Protocol):
 class LearnerBackend(Protocol):
     """The learner group (Ray) or one in-process rank."""
 
-    def update(self, batch: TrainBatch, step: int) -> dict:
-        """One policy update; publishes the step's entropy to the controller; returns stats."""
+    def update(self, batch: TrainBatch, step: int, levers: dict | None = None) -> dict:
+        """One policy update; publishes the step's entropy to the controller; returns stats.
+        `levers`: a rival controller's decision for the step, applied to the loss."""
 
     def full_weights(self) -> dict:
         """The full weights in the form the rollout backend's `load_weights` takes (an ObjectRef on Ray)."""

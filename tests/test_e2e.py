@@ -49,7 +49,7 @@ class CrashAt:
         self.inner, self.crash_step = inner, step
         self.seen_prompts = {}
 
-    def update(self, batch, step):
+    def update(self, batch, step, levers=None):
         if step == self.crash_step:
             raise RuntimeError("learner killed")
         self.seen_prompts[step] = prompts_of(batch)

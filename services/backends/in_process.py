@@ -66,11 +66,11 @@ class LocalLearner:
         self.worker, self.controller = worker, controller
         self.compute = worker.compute_info()  # device and precision, for the run summary
 
-    def update(self, batch: TrainBatch, step: int) -> dict:
+    def update(self, batch: TrainBatch, step: int, levers: dict | None = None) -> dict:
         from services.learner.batch import shard_for_ranks
 
         (shard,) = shard_for_ranks(batch, 1, self.worker.cfg)
-        return self.worker.update(shard, step=step, controller=self.controller)
+        return self.worker.update(shard, step=step, controller=self.controller, levers=levers)
 
     def full_weights(self) -> dict:
         return self.worker.full_state_dict()

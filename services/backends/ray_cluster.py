@@ -125,8 +125,8 @@ class LearnerAdapter:
     def controller(self) -> ControllerClient:
         return self.system.controller
 
-    def update(self, batch: TrainBatch, step: int) -> dict:
-        return self.group.update(batch, step=step, controller=self.controller)
+    def update(self, batch: TrainBatch, step: int, levers: dict | None = None) -> dict:
+        return self.group.update(batch, step=step, controller=self.controller, levers=levers)
 
     def full_weights(self):
         return self.group.state_dict_ref()  # an ObjectRef: gathered once, shipped by the object store

@@ -115,11 +115,10 @@ def verify_all(args: argparse.Namespace, samples: list) -> None:
 
 def score(samples: list, n_prompts: int, n: int) -> dict:
     """avg@n, pass@k (k = 1, 2, 4, ... <= n), outcome counts, response length and truncation."""
-    from services import algorithm as A
-    from services.loop.evaluation import correct_matrix, pass_at_powers
+    from services.loop.evaluation import avg_at_k, correct_matrix, pass_at_powers
 
     correct = correct_matrix(samples, n_prompts, n)
-    out = {f"avg@{n}": A.avg_at_k(correct), **{f"pass@{k}": v for k, v in pass_at_powers(correct).items()}}
+    out = {f"avg@{n}": avg_at_k(correct), **{f"pass@{k}": v for k, v in pass_at_powers(correct).items()}}
     outcomes: dict[str, int] = {}
     for s in samples:
         outcomes[s.outcome] = outcomes.get(s.outcome, 0) + 1

@@ -68,16 +68,17 @@ class LearnerGroup:
         return wait_all(refs, timeout_s or self.recovery.learner_timeout_s, "learner", f"learners: {method}")
 
     def update(
-        self, batch: TrainBatch, step: int | None = None, controller: ControllerClient | None = None
+        self, batch: TrainBatch, step: int | None = None, controller: ControllerClient | None = None,
+        levers: dict | None = None,
     ) -> dict[str, float]:
         """One RL update on the global batch; stats are global (all-reduced), taken from rank 0.
 
         `controller` (a `RayControllerClient`; it travels to the actors): rank 0 publishes the
-        step's entropy to it.
+        step's entropy to it. `levers`: a rival controller's decision, applied by every rank.
         """
         shards = shard_for_ranks(batch, self.world_size, self.cfg)
         n = self.world_size
-        return self._fan_out("update", shards, [step] * n, [controller] * n)[0]
+        return self._fan_out("update", shards, [step] * n, [controller] * n, [levers] * n)[0]
 
     def compute_logprobs(self, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
         """log π_T of every token given its prefix, [B, L] (column 0 is 0), no grad."""

@@ -100,7 +100,6 @@ class LearnerWorker:
         return {"device": self.device.type, "layers": layers, "params": "float32"}
 
     # ------------------------------------------------------------------ forward passes
-
     def _logits(self, batch: TrainBatch, all_positions: bool = False) -> tuple[torch.Tensor, int]:
         """Logits of the batch cut to its longest row; returns (logits [b, l, V], l).
 
@@ -142,13 +141,13 @@ class LearnerWorker:
         return torch.nn.functional.pad(logp, (1, 0)).cpu()
 
     # ------------------------------------------------------------------ the update
-
-    def update(self, shard: TrainBatch, step: int | None = None, controller: ControllerClient | None = None) -> dict[str, float]:
+    def update(self, shard: TrainBatch, step: int | None = None, controller: ControllerClient | None = None,
+               levers: dict | None = None) -> dict[str, float]:
         """One RL update on this rank's shard: old log-probs, then `mini_batches` optimizer steps.
 
         With a `controller`, rank 0 publishes the step's entropy to it before training on it: the
-        controller reads it live, from the learners (`controller.client.publish_entropy`).
-        """
+        controller reads it live, from the learners (`controller.client.publish_entropy`). `levers`:
+        a rival controller's decision for the step (`alg.policy_loss`)."""
         t0 = time.perf_counter()
         batch = shard.to(self.device)
         M = self.cfg.mini_batches
@@ -172,7 +171,7 @@ class LearnerWorker:
             # come from the training forward (detached); the controller hears the entropy before
             # the optimizer step, exactly as with a separate scoring pass.
             self.model.train()
-            totals = self._train_minibatch(batch, None, observe)
+            totals = self._train_minibatch(batch, None, observe, levers)
         else:
             self.model.eval()  # dropout-free scoring of the behaviour policy at T=1
             old_logp, entropy, irrelevant = self._score(batch)
@@ -182,7 +181,7 @@ class LearnerWorker:
             totals = {}
             for k in range(M):
                 rows = slice(k * per, (k + 1) * per)
-                step_stats = self._train_minibatch(batch.select(rows), old_logp[rows])
+                step_stats = self._train_minibatch(batch.select(rows), old_logp[rows], levers=levers)
                 for key, v in step_stats.items():
                     totals[key] = totals.get(key, 0.0) + v
         self._reshard()
@@ -194,7 +193,7 @@ class LearnerWorker:
         if self._hold:
             reshard(self.model)
 
-    def _train_minibatch(self, batch: TrainBatch, old_logp: torch.Tensor | None, observe=None) -> dict[str, float]:
+    def _train_minibatch(self, batch: TrainBatch, old_logp, observe=None, levers=None) -> dict[str, float]:
         """Gradient accumulation over micro-batches, then clip + AdamW step (skipped if no tokens).
 
         `old_logp` None: on-policy, the behaviour log-probs are this forward's own (detached), and
@@ -235,7 +234,7 @@ class LearnerWorker:
             loss, st = alg.policy_loss(
                 algo, logp=logp, old_logp=behaviour, advantages=mb.advantages,
                 mask=mb.response_mask[:, 1:width], is_regularizer=mb.is_regularizer,
-                normalizer=normalizer, entropy=ent, generator=self.generator,
+                normalizer=normalizer, entropy=ent, generator=self.generator, levers=levers,
             )
             (loss * self.world_size).backward()
             for key in sums:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
 
-from services import algorithm as A
 from services.loop.steps import step_seed, verify
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def evaluate(trainer: "Trainer", after_steps: int) -> dict:
         verify(trainer.parts.reward, samples, after_steps, f"eval-{tag}")
         correct = correct_matrix(samples, len(items), n)
         if tag == "low":
-            out[f"eval_avg@{n}"] = A.avg_at_k(correct)
+            out[f"eval_avg@{n}"] = avg_at_k(correct)
         else:
             out.update({f"eval_pass@{k}": v for k, v in pass_at_powers(correct).items()})
     trainer.eval_log.append({"step": after_steps, **out})
@@ -48,6 +48,27 @@ def pass_at_powers(correct: torch.Tensor) -> dict[int, float]:
     counts = correct.sum(1).long().tolist()
     out, k = {}, 1
     while k <= n:
-        out[k] = sum(A.pass_at_k(n, c, k) for c in counts) / len(counts)
+        out[k] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
         k *= 2
     return out
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), as a stable product.
+
+    1 - prod_{i=n-c+1}^{n} (1 - k/i), summed in log space: exact to float precision for
+    n in the thousands, where the binomials themselves overflow.
+    """
+    if not (0 <= c <= n) or not (1 <= k <= n):
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    log_fail = sum(math.log1p(-k / i) for i in range(n - c + 1, n + 1))
+    return 1.0 - math.exp(log_fail)
+
+
+def avg_at_k(correct: torch.Tensor) -> float:
+    """avg@k: mean correctness over prompts × k samples ([P, k] of 0/1)."""
+    if correct.numel() == 0:
+        raise ValueError("avg@k of no samples")
+    return float(correct.float().mean())

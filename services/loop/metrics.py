@@ -42,6 +42,9 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     MetricSpec("aepo_regularizer_max_selected", "gauge", "Most regularizer positives the controller allowed this step."),
     MetricSpec("aepo_regularizer_selected", "gauge", "Regularizer positives kept this step."),
     MetricSpec("aepo_regularizer_weight", "gauge", "Advantage weight of the regularizer positives (1 = the paper's rule; the PI rule's |u|)."),
+    MetricSpec("aepo_entropy_coef", "gauge", "Entropy-bonus coefficient a rival rule applied this step (adaptive_entropy)."),
+    MetricSpec("aepo_confident_token_weight", "gauge", "Weight of confident tokens' policy-gradient term this step "
+               "(entropic), by advantage sign.", ("run_id", "sign")),
     MetricSpec("aepo_controller_decisions_total", "counter", "Controller decisions by direction.", ("run_id", "direction")),
     MetricSpec("aepo_reward_mean", "gauge", "Mean reward per batch kind.", ("run_id", "batch_kind")),
     MetricSpec("aepo_accuracy", "gauge", "Share of correct samples per batch kind.", ("run_id", "batch_kind")),
@@ -142,6 +145,7 @@ class RunMetrics:
             "reg_m": "aepo_regularizer_max_selected",
             "reg_selected": "aepo_regularizer_selected",
             "reg_weight": "aepo_regularizer_weight",
+            "entropy_coef": "aepo_entropy_coef",
             "rollout_tokens_per_s": "aepo_rollout_tokens_per_second",
             "response_length_mean": "aepo_response_length_mean",
             "truncation_rate": "aepo_truncation_rate",
@@ -152,6 +156,9 @@ class RunMetrics:
         for key, name in optional.items():
             if row.get(key) is not None:
                 self.set(name, row[key])
+        for sign in ("positive", "negative"):
+            if row.get(f"{sign}_weight") is not None:
+                self.set("aepo_confident_token_weight", row[f"{sign}_weight"], sign=sign)
         if row.get("reg_direction"):
             self.inc("aepo_controller_decisions_total", direction=row["reg_direction"])
         for kind in ("grpo", "regularizer"):

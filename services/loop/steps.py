@@ -170,9 +170,11 @@ def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Sample
         **{k: stats.get(k) for k in learned},
         "entropy_source": cfg.controller.entropy_source,
         "entropy_controlled": read_source(stats, cfg.controller.entropy_source),
-        "entropy_target": plan.get("target"),  # AEPO only; None for a relative target before H0 is known
+        "entropy_target": plan.get("target"),  # controlled algorithms; None for a relative target before H0 is known
         "reg_temperature": plan.get("temperature"), "reg_m": plan.get("m"),
         "reg_direction": plan.get("direction"), "reg_weight": plan.get("weight"),
+        # a rival rule's levers (adaptive_entropy, entropic): what the loss applied this step
+        **{k: plan[k] for k in ("entropy_coef", "positive_weight", "negative_weight") if k in plan},
         **sel,
         "reward_mean": reward_grpo, "reward_mean_grpo": reward_grpo, "accuracy_grpo": acc_grpo,
         "reward_mean_regularizer": reward_reg, "accuracy_regularizer": acc_reg,
@@ -182,7 +184,7 @@ def step_row(cfg: TrainConfig, step: int, policy_version: int, grpo: list[Sample
         "response_length_mean": gen_tokens / max(1, len(grpo) + len(reg)),
         "truncation_rate": sum(s.finish_reason == "length" for s in grpo + reg) / max(1, len(grpo) + len(reg)),
         "rollout_tokens_per_s": gen_tokens / max(timings["rollout"], 1e-9),
-        **{k: stats[k] for k in ("pg_loss", "reg_loss", "clipfrac", "approx_kl", "grad_norm") if k in stats},
+        **{k: stats[k] for k in ("pg_loss", "reg_loss", "entropy_bonus", "clipfrac", "approx_kl", "grad_norm") if k in stats},
         "learner_tokens_per_s": stats.get("tokens_per_s"),
         "weight_sync_seconds": timings["weight_sync"],
     }

@@ -31,7 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.config import AEPOConfig, TrainConfig
+from services.config import RIVAL_TYPES, AEPOConfig, TrainConfig
 from services.contracts import Components, RoleFailure, Sample
 from services.data.datasets import PromptItem, PromptStream
 from services.learner.batch import TrainBatch
@@ -124,11 +124,16 @@ class Trainer:
         t = time.monotonic()  # 5
         rows, batch, sel = assemble(cfg, grpo, reg, int(plan.get("m", 0)), parts.tokenizer.pad_id,
                                     float(plan.get("weight", 1.0)), step=step)
+
+        levers = None  # a rival rule's decision: its levers on the loss, from the last published entropy
+        if isinstance(cfg.algorithm, RIVAL_TYPES):
+            plan = levers = recovery.with_controller(self, lambda: parts.controller.plan(step), planned=False, stats=None)
+            self.step_planned = True
         timings["controller"] = time.monotonic() - t
 
         t = time.monotonic()  # 6 + 7: the learners publish the step's entropy (and rows kept) to the controller
         with self._phase("learner", "the policy update"):
-            stats = parts.learner.update(batch, step)
+            stats = parts.learner.update(batch, step, levers=levers)
         self.step_stats = stats
         if stats.pop("publish_error", None) is not None:  # the controller restarted mid-publish
             recovery.restore_controller(self, self.step_planned, stats)

@@ -64,7 +64,7 @@ def test_a_moving_target_is_applied_at_the_planned_step():
 def test_grpo_has_no_plan_but_its_entropy_is_still_recorded():
     core = ControllerCore(GRPOConfig(), ControllerConfig(), "run")
     core.observe(0, 0.5)
-    with pytest.raises(ValueError, match="no regularizer"):
+    with pytest.raises(ValueError, match="no entropy target"):
         core.plan(1)
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from services import algorithm as A
+from services.loop.evaluation import avg_at_k, pass_at_k
 from services.config import (
     AEPOConfig,
     AEPOSignedConfig,
@@ -381,25 +382,25 @@ def _brute_pass_at_k(n, c, k):
 def test_pass_at_k_equals_brute_force_enumeration(n):
     for c in range(n + 1):
         for k in range(1, n + 1):
-            assert A.pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
+            assert pass_at_k(n, c, k) == pytest.approx(_brute_pass_at_k(n, c, k), abs=1e-12)
 
 
 @pytest.mark.parametrize("n,c,k", [(1024, 1, 1), (1024, 3, 512), (1024, 10, 1024), (1024, 500, 64), (1000, 1, 999)])
 def test_pass_at_k_is_exact_at_n_1024(n, c, k):
     exact = 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
-    assert A.pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
+    assert pass_at_k(n, c, k) == pytest.approx(float(exact), rel=1e-12, abs=1e-15)
 
 
 def test_pass_at_1_is_the_success_rate_and_bad_arguments_raise():
-    assert A.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
     with pytest.raises(ValueError):
-        A.pass_at_k(4, 5, 1)
+        pass_at_k(4, 5, 1)
     with pytest.raises(ValueError):
-        A.pass_at_k(4, 1, 0)
+        pass_at_k(4, 1, 0)
 
 
 def test_avg_at_k_is_mean_correctness():
-    assert A.avg_at_k(torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])) == pytest.approx(0.75)
+    assert avg_at_k(torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])) == pytest.approx(0.75)
 
 
 # ----------------------------------------------------------------------------- where the entropy lives

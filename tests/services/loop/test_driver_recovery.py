@@ -31,7 +31,7 @@ class FailOnce:
     def __init__(self, inner, step, failure):
         self.inner, self.step, self.failure, self.fired = inner, step, failure, 0
 
-    def update(self, batch, step):
+    def update(self, batch, step, levers=None):
         if step == self.step and self.fired < 1:
             self.fired += 1
             raise self.failure

@@ -91,7 +91,7 @@ class FakeLearner:
         self.controller, self.entropies, self.crash_at, self.split = controller, entropies, crash_at, split
         self.version, self.batches = 0, []
 
-    def update(self, batch, step):
+    def update(self, batch, step, levers=None):
         if step == self.crash_at:
             raise RuntimeError("learner died")
         self.batches.append((step, batch))
@@ -277,3 +277,59 @@ def test_a_controlled_source_the_learners_do_not_measure_stops_the_first_step(tm
     with pytest.raises(ValueError, match="controller.entropy_source 'content' was not measured at step 0"):
         trainer.train_step()
     assert parts.controller.state()["last"] == {}
+
+
+class LeverLearner(FakeLearner):
+    """Records the levers each update was given."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.levers = []
+
+    def update(self, batch, step, levers=None):
+        self.levers.append(levers)
+        return super().update(batch, step)
+
+
+def test_a_rival_rule_hands_its_levers_to_the_learners_every_step_and_draws_no_regularizer(tmp_path):
+    # Skywork's rule with Δ 0.1 from α 0: H 0.2 < H* 0.35 -> α 0.1 on; H 0.5 -> α 0, off; H 0.2 -> 0.1 on
+    cfg = make_cfg(algorithm={"type": "adaptive_entropy", "target": {"type": "constant", "value": 0.35},
+                              "rule": {"coef_delta": 0.1}}, trainer={"steps": 4})
+    ctl = FakeController(cfg)
+    learner = LeverLearner(ctl, [0.2, 0.5, 0.2, 0.5])
+    parts = Components(FakeRollout(ctl), FakeReward(), learner, ctl, CharTokenizer())
+    trainer = Trainer(cfg, parts, items(12), items(3, "eval"), tmp_path / "run", progress=False)
+    rows = [trainer.train_step() for _ in range(4)]
+    # step 0 has seen nothing (α_0 = 0 applied); step k plans from the entropy published at step k-1
+    assert [round(lv["entropy_coef"], 6) for lv in learner.levers] == [0.0, 0.1, 0.0, 0.1]
+    assert [round(r["entropy_coef"], 6) for r in rows] == [0.0, 0.1, 0.0, 0.1]
+    assert all(r["entropy_target"] == 0.35 and r["reg_temperature"] is None for r in rows[1:])
+    assert not any(c[0] == "plan" for c in parts.rollout.calls)  # no regularizer batch was drawn
+    assert not any(b.is_regularizer.any() for _, b in learner.batches)
+
+
+def test_entropic_weights_reach_the_learners_and_a_resumed_run_repeats_them(tmp_path):
+    cfg = make_cfg(algorithm={"type": "entropic", "target": {"type": "constant", "value": 0.35},
+                              "rule": {"kp": 1.0, "ki": 0.5}}, trainer={"steps": 4, "save_every": 2})
+    hs = [0.55, 0.25, 0.45, 0.15]
+
+    def run(out, crash_at=None, resume=False):
+        ctl = FakeController(cfg)
+        learner = LeverLearner(ctl, hs, crash_at)
+        parts = Components(FakeRollout(ctl), FakeReward(), learner, ctl, CharTokenizer())
+        trainer = Trainer(cfg, parts, items(12), items(3, "eval"), tmp_path / out, progress=False)
+        if crash_at is None:
+            trainer.fit(resume=resume)
+        else:
+            with pytest.raises(RuntimeError, match="learner died"):
+                trainer.fit()
+        return learner.levers
+
+    full = run("full")
+    # e = H − H*: 0.2, −0.1, 0.1; α_k = kp·e_{k−1} + ki·(e_0 + … + e_{k−2}), clipped to ±1
+    alphas = [0.0, 0.2, -0.1 + 0.5 * 0.2, 0.1 + 0.5 * 0.1]
+    assert [lv["positive_weight"] for lv in full] == pytest.approx([1 + a for a in alphas])
+    assert [lv["negative_weight"] for lv in full] == pytest.approx([1 - a for a in alphas])
+    run("killed", crash_at=3)
+    resumed = run("killed", resume=True)  # from the checkpoint after 2 steps: steps 2 and 3 again
+    assert [lv["positive_weight"] for lv in resumed] == pytest.approx([1 + a for a in alphas[2:]])
