@@ -15,7 +15,8 @@ class _Strict(BaseModel):
 
 
 class CountdownDataConfig(_Strict):
-    """The toy task: three numbers 1–9 and a target, answered in two arithmetic steps."""
+    """The toy task: three numbers 1–9 and a target, answered in two arithmetic steps (or the harder
+    variant: four numbers, three steps, rare targets)."""
 
     type: Literal["countdown"] = "countdown"
     num_train: int = Field(20000, ge=1, description="Training problems generated.")
@@ -24,6 +25,11 @@ class CountdownDataConfig(_Strict):
         0.2, ge=0.0, le=1.0, description="Warm-start answers insert an optional space at each of 9 places with this probability."
     )
     seed: int = Field(0, description="Seed of the problem generator.")
+    num_numbers: int = Field(3, ge=3, le=4, description="Numbers per problem; the answer takes one step fewer.")
+    max_solutions: int | None = Field(
+        None, ge=1, description="Draw only targets that at most this many distinct step chains reach (rare "
+        "solutions, where exploring decides the score); None = every reachable target."
+    )
 
 
 class WordProblemDataConfig(_Strict):

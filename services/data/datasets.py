@@ -30,7 +30,7 @@ class PromptItem:
 def countdown_items(cfg: CountdownDataConfig) -> tuple[list[PromptItem], list[PromptItem]]:
     from services.data.countdown import make_splits
 
-    train, held_out = make_splits(cfg.num_train, cfg.num_eval, cfg.seed)
+    train, held_out = make_splits(cfg.num_train, cfg.num_eval, cfg.seed, cfg.num_numbers, cfg.max_solutions)
 
     def items(problems, split):
         return [PromptItem(f"{split}-{i}", p.prompt, p.reference, "countdown") for i, p in enumerate(problems)]

@@ -12,7 +12,10 @@ its own output directory under `<output_dir>/runs/`, named by the run's config d
 whose directory already holds a summary for the same config is not run again, so a killed
 experiment continues where it stopped and two groups asking for the same config share one run.
 A group with `targets: best` runs at the target of the `sweep` section with the best mean pass@1,
-resolved once the sweep has finished. The report (services/experiments/report/) is written last.
+resolved once the sweep has finished; with `best_of: [groups]` it runs the configuration (algorithm,
+overrides, target) of the best of those groups' runs instead, plus its own overrides (the same
+controller setting on another task). The report (services/experiments/report/, `report:` picks
+which) is written last.
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from services.config import SmallLLMConfig
 
-SECTIONS = ("table1", "control", "sweep", "controller", "ablation", "base")
+SECTIONS = ("table1", "control", "sweep", "controller", "ablation", "base", "tracking", "headline", "offpolicy")
+Section = Literal["table1", "control", "sweep", "controller", "ablation", "base", "tracking", "headline", "offpolicy"]
 
 
 class _Strict(BaseModel):
@@ -46,13 +50,22 @@ class RunGroup(_Strict):
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Slug; run names are <name>-h<target>-s<seed>.")
     label: str | None = Field(None, description="How tables and plots name the group (default: name).")
-    sections: list[Literal["table1", "control", "sweep", "controller", "ablation", "base"]] = Field(
-        description="Report sections this group's runs appear in."
-    )
+    sections: list[Section] = Field(description="Report sections this group's runs appear in.")
     algorithm: dict[str, Any] = Field(description="The run config's `algorithm` (the base config's when empty).")
     targets: list[float] | Literal["best"] | None = Field(
-        None, description="Constant targets H* (AEPO family); 'best' = the sweep's best target; None = the algorithm's own."
+        None, description="Constant targets H* (controlled algorithms); 'best' = the sweep's best target, or with "
+        "best_of the best run's; None = the algorithm's own."
     )
+    relative: bool = Field(False, description="The targets are multiples of the controlled signal's first value H0.")
+    best_of: list[str] | None = Field(
+        None, description="With targets: best, the groups whose best run (mean final pass@1 over seeds) this group "
+        "repeats: its algorithm, overrides and target, then this group's overrides and seeds."
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Merged into the run config after the spec's overrides (nested keys), e.g. "
+        "controller.entropy_source, learner.mini_batches or another task under data."
+    )
+    toy: str | None = Field(None, description="The task the report files this group under (default: the spec's first).")
     seeds: list[int] | None = Field(None, description="Trainer seeds (default: the spec's).")
     steps: int | None = Field(None, ge=0, description="RL steps (default: the spec's; 0 = evaluate the base model).")
 
@@ -76,6 +89,9 @@ class ExperimentSpec(_Strict):
     parallel: int = Field(2, ge=1, description="Runs at once.")
     threads: int = Field(1, ge=1, description="torch threads per run.")
     backend: Literal["local", "ray"] = "local"
+    report: Literal["toy_claims", "controllers"] = Field(
+        "toy_claims", description="Which report: the paper's claims, or the entropy-controller benchmark."
+    )
     groups: list[RunGroup]
 
     @model_validator(mode="after")
@@ -84,8 +100,13 @@ class ExperimentSpec(_Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"group names must be unique, repeated: {dup}")
-        if any(g.targets == "best" for g in self.groups) and not any("sweep" in g.sections for g in self.groups):
-            raise ValueError("a group with targets: best needs a group in the sweep section")
+        needs_sweep = any(g.targets == "best" and not g.best_of for g in self.groups)
+        if needs_sweep and not any("sweep" in g.sections for g in self.groups):
+            raise ValueError("a group with targets: best needs a group in the sweep section (or best_of)")
+        for g in self.groups:
+            unknown = sorted(set(g.best_of or ()) - set(names))
+            if unknown or (g.best_of and g.targets != "best"):
+                raise ValueError(f"group {g.name}: best_of needs targets: best and known groups (unknown: {unknown})")
         return self
 
 
@@ -134,6 +155,7 @@ LEGACY_DEFAULTS = {
     # masking unverified items differs from scoring them 0 only when an item times out or errors;
     # the runs made before it record none (reward_failures all 0), so they computed the same
     "reward": {"on_failure": "mask", "max_failure_share": 0.2},
+    "data": {"num_numbers": 3, "max_solutions": None},  # the harder Countdown's settings, at the toy's values
 }
 
 
@@ -150,15 +172,20 @@ def config_digest(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:10]
 
 
-def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: int, root: Path) -> Job:
-    """The run config of one (group, target, seed), validated; its digest names its directory."""
+def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: int, root: Path,
+             source: RunGroup | None = None) -> Job:
+    """The run config of one (group, target, seed), validated; its digest names its directory.
+    `source`: the group whose setting a `best_of` group repeats (its algorithm, overrides, target
+    kind), before this group's own overrides."""
     from services.cli.config_file import load_config
     from services.config import TrainConfig
 
+    setting = source or group
     base = _merge(load_config(spec.base_config).model_dump(mode="json"), spec.overrides)
-    algo = dict(group.algorithm) or dict(base["algorithm"])
+    base = _merge(_merge(base, setting.overrides), group.overrides if source is not None else {})
+    algo = dict(setting.algorithm) or dict(base["algorithm"])
     if target is not None:
-        algo["target"] = {"type": "constant", "value": float(target)}
+        algo["target"] = {"type": "constant", "value": float(target), **({"relative": True} if setting.relative else {})}
     steps = spec.steps if group.steps is None else group.steps
     base["algorithm"] = algo
     base["model"]["init_seed"] = 0  # one base model for every seed: seeds vary the RL run only
@@ -185,19 +212,28 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def expand(spec: ExperimentSpec, root: Path, best_target: float | None = None) -> list[Job]:
-    """Every job of the spec; groups with `targets: best` only once `best_target` is known."""
+def expand(spec: ExperimentSpec, root: Path, best_target: float | None = None,
+           best_runs: dict[str, tuple[str, float]] | None = None) -> list[Job]:
+    """Every job of the spec; groups with `targets: best` only once their best is known:
+    `best_target` for the sweep's, `best_runs[group] = (source group, target)` for `best_of`."""
     jobs = []
+    groups = {g.name: g for g in spec.groups}
     for g in spec.groups:
-        if g.targets == "best":
+        source = None
+        if g.targets == "best" and g.best_of:
+            if not best_runs or g.name not in best_runs:
+                continue
+            source, target = groups[best_runs[g.name][0]], best_runs[g.name][1]
+            targets: list[float | None] = [target]
+        elif g.targets == "best":
             if best_target is None:
                 continue
-            targets: list[float | None] = [best_target]
+            targets = [best_target]
         else:
             targets = list(g.targets) if g.targets else [None]
         for target in targets:
             for seed in g.seeds or spec.seeds:
-                jobs.append(make_job(spec, g, target, seed, root))
+                jobs.append(make_job(spec, g, target, seed, root, source))
     return jobs
 
 
@@ -288,8 +324,7 @@ def run_jobs(jobs: list[Job], spec: ExperimentSpec, progress: bool = True) -> li
 
 
 def main(args: argparse.Namespace) -> int:
-    from services.experiments.report.runs import best_sweep_target
-    from services.experiments.report.write import write_report
+    from services.experiments.report.runs import best_of_runs, best_sweep_target
 
     spec = load_spec(args.spec)
     if args.parallel:
@@ -306,17 +341,21 @@ def main(args: argparse.Namespace) -> int:
     failed: list[str] = []
     ran = 0
     if not args.report_only:
-        _prepare_base_model(jobs[0])
+        _prepare_base_models(jobs)
         ran += sum(not is_done(j) for j in dedupe(jobs))
         failed += run_jobs(jobs, spec, progress=not args.no_progress)
-    best = best_sweep_target(jobs)
-    if best is not None:
-        jobs = expand(spec, root, best_target=best)
+    best, best_runs = best_sweep_target(jobs), best_of_runs(spec, jobs)
+    if best is not None or best_runs:
+        jobs = expand(spec, root, best_target=best, best_runs=best_runs)
         share_dirs(jobs)
         if not args.report_only:
             ran += sum(not is_done(j) for j in dedupe(jobs))
             failed += run_jobs(jobs, spec, progress=not args.no_progress)
     wall = time.monotonic() - t0
+    if spec.report == "controllers":
+        from services.experiments.report.controllers import write_report
+    else:
+        from services.experiments.report.write import write_report
     report = write_report(spec, jobs, root, wall_seconds=None if args.report_only else wall, spec_path=args.spec,
                           ran=ran)
     print(f"report: {report}")
@@ -326,13 +365,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_base_model(job: Job) -> None:
-    """Build and warm-start the shared base model once (Ray Train, cached) before any run starts."""
+def _prepare_base_models(jobs: list[Job]) -> None:
+    """Build and warm-start each shared base model once (Ray Train, cached) before any run starts:
+    one per distinct model, task and warm start among the jobs (two runs never train one twice)."""
     from services.config import TrainConfig
     from services.cli.train import prepare_model
 
-    cfg = TrainConfig.model_validate(job.config)
-    path, _ = prepare_model(cfg, progress=True)
+    seen: set[str] = set()
+    for job in jobs:
+        key = json.dumps([job.config[k] for k in ("model", "data", "warm_start")], sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            path, _ = prepare_model(TrainConfig.model_validate(job.config), progress=True)
+            print(f"base model: {path}", flush=True)
     try:
         import ray
 
@@ -340,4 +385,3 @@ def _prepare_base_model(job: Job) -> None:
             ray.shutdown()  # free the cores for the runs
     except ImportError:
         pass
-    print(f"base model: {path}", flush=True)

@@ -19,7 +19,7 @@ import random
 import time
 from pathlib import Path
 
-from services.config import WarmStartSettings
+from services.config import CountdownDataConfig, WarmStartSettings
 from services.model.staging import staged_dir
 
 _MARKER = "aepo_warmstart.json"
@@ -173,7 +173,8 @@ def _batch_source(config: dict, tokenizer):
         return lambda rows, rng: chat_sft_batch(train, tokenizer, rows, rng, config["system_prompt"], cache)
     from services.data.countdown import make_splits
 
-    train, _ = make_splits(data["num_train"], data["num_eval"], data["seed"])
+    train, _ = make_splits(data["num_train"], data["num_eval"], data["seed"], data.get("num_numbers", 3),
+                           data.get("max_solutions"))
     return lambda rows, rng: sft_batch(train, tokenizer, rows, rng, data["space_prob"])
 
 
@@ -199,8 +200,10 @@ def warm_start(
     base_marker = _read(base_path / "aepo_tiny.json") or _read(base_path / "aepo_small_llm.json") or str(base_path)
     # "auto" is decided here, on the driver's machine (the embedded default runs on one node)
     cfg = cfg.model_copy(update={"cpu_compute": resolve_cpu_compute(cfg.cpu_compute)})
-    if data_cfg.type == "countdown":  # the keys cached Countdown warm starts were named by
+    if data_cfg.type == "countdown":  # the keys cached Countdown warm starts were named by, + the harder variant's
         data = {k: getattr(data_cfg, k) for k in ("num_train", "num_eval", "space_prob", "seed")}
+        data.update({k: v for k, v in (("num_numbers", data_cfg.num_numbers), ("max_solutions", data_cfg.max_solutions))
+                     if v != CountdownDataConfig.model_fields[k].default})
     else:
         data = {**data_cfg.model_dump(mode="json"), "system_prompt": system_prompt}
     digest = warmstart_hash(base_marker, data, cfg)

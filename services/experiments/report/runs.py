@@ -171,3 +171,26 @@ def best_sweep_target(jobs) -> float | None:
     if not scores:
         return None
     return max(scores, key=lambda t: (statistics.fmean(scores[t]), -t))
+
+
+def best_of_runs(spec, jobs) -> dict[str, tuple[str, float]]:
+    """For each `best_of` group: (source group, target) of the best finished run among its
+    `best_of` groups by mean final pass@1 over seeds (ties: the earlier group, the lower target).
+    A group is left out until every run it chooses from has finished."""
+    out: dict[str, tuple[str, float]] = {}
+    order = {g.name: i for i, g in enumerate(spec.groups)}
+    for g in spec.groups:
+        if not g.best_of:
+            continue
+        scores: dict[tuple[str, float], list[float]] = defaultdict(list)
+        candidates = [j for j in jobs if j.group.name in g.best_of and j.target is not None]
+        runs = [(j, load_run(j)) for j in candidates]
+        if not runs or any(run is None for _, run in runs):
+            continue
+        for j, run in runs:
+            p1 = pass_at(run, 1)
+            if p1 is not None:
+                scores[(j.group.name, j.target)].append(p1)
+        if scores:
+            out[g.name] = max(scores, key=lambda k: (statistics.fmean(scores[k]), -order[k[0]], -k[1]))
+    return out

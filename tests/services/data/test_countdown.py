@@ -109,3 +109,57 @@ def test_the_warm_starts_micro_batched_backward_is_the_plain_loss_and_gradient(t
     assert got == pytest.approx(float(want), rel=1e-5)
     for n, p in model.named_parameters():
         assert torch.allclose(p.grad, want_grads[n], atol=1e-6, rtol=1e-4), n
+
+
+def _brute_chains(numbers):
+    """Every 3-step chain of 4 numbers, written out by nested loops (independent of `_chains`)."""
+    from itertools import permutations
+
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b if a >= b else None,
+           "*": lambda a, b: a * b, "/": lambda a, b: a // b if b and a % b == 0 else None}
+    out = {}
+    for a, b, c, d in set(permutations(numbers)):
+        for o1, f1 in ops.items():
+            r1 = f1(a, b)
+            if r1 is None:
+                continue
+            for o2, f2 in ops.items():
+                for l2, q2 in ((r1, c), (c, r1)):
+                    r2 = f2(l2, q2)
+                    if r2 is None:
+                        continue
+                    for o3, f3 in ops.items():
+                        for l3, q3 in ((r2, d), (d, r2)):
+                            t = f3(l3, q3)
+                            if t is not None:
+                                out.setdefault(t, set()).add(f"{a}{o1}{b}={r1},{l2}{o2}{q2}={r2},{l3}{o3}{q3}={t}")
+    return out
+
+
+@pytest.mark.parametrize("numbers", [(9, 8, 3, 5), (1, 1, 2, 2), (7, 7, 1, 5), (6, 3, 9, 2)])
+def test_four_number_chains_equal_a_brute_force_enumeration_and_pass_the_checker(numbers):
+    brute = _brute_chains(numbers)
+    ours = {t: {format_answer(c) for c in chains} for t, chains in solutions(numbers).items()}
+    assert ours == brute
+    for t, answers in ours.items():
+        assert all(_check(a, numbers, t) for a in answers)
+    rare = solutions(numbers, max_solutions=2)
+    assert rare == {t: solutions(numbers)[t] for t, v in brute.items() if len(v) <= 2}
+
+
+def test_the_harder_toy_draws_rare_targets_and_answers_with_fourteen_space_places():
+    train, held_out = make_splits(300, 40, seed=3, num_numbers=4, max_solutions=2)
+    assert all(len(p.numbers) == 4 and p.prompt.count(",") == 3 for p in train + held_out)
+    assert all(1 <= len(solutions(p.numbers)[p.target]) <= 2 for p in held_out)
+    assert not {p.key for p in train} & {p.key for p in held_out}
+    answer = warm_start_answer(held_out[0], random.Random(0), space_prob=1.0)
+    assert answer.count(" ") == 14 and _check(answer, held_out[0].numbers, held_out[0].target)
+    # the three-number toy is unchanged by the generalisation: its spaces are drawn step by step, then the comma
+    steps = solutions((9, 8, 3))[69][0]
+    rng, ref = random.Random(1), random.Random(1)
+    flags = [ref.random() < 0.5 for _ in range(9)]
+    text = format_answer(steps, rng, 0.5)
+    first, second = steps
+    sp = [" " if f else "" for f in flags]
+    assert text == (f"{first.left}{sp[0]}{first.op}{sp[1]}{first.right}{sp[2]}={sp[3]}{first.result},{sp[8]}"
+                    f"{second.left}{sp[4]}{second.op}{sp[5]}{second.right}{sp[6]}={sp[7]}{second.result}")
