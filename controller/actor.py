@@ -305,6 +305,7 @@ def start_controller(algorithm: AlgorithmConfig, config: ControllerConfig, run_i
         "max_restarts": max_restarts,
         "max_task_retries": max_restarts,
         "num_cpus": 0,
+        "resources": dict(config.resources),
     }
     if detached:
         options["lifetime"] = "detached"

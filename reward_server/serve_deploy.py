@@ -74,7 +74,9 @@ def _serve_http_address(http_port: int | None) -> tuple[str, int, str]:
     from ray.serve.context import _get_global_client
 
     if _get_global_client(raise_if_no_controller_running=False) is None:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port or free_port()})
+        # one proxy, on the driver's node (the head): the driver is its only client, and a proxy per
+        # node would contend for one port where several nodes share an address (127.0.0.1)
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port or free_port()})
     config = _get_global_client().http_config
     bound = config.host or "0.0.0.0"
     host = "127.0.0.1" if bound in ("0.0.0.0", "::") else bound
@@ -90,6 +92,7 @@ def deploy(
     http_port: int | None = None,
     num_cpus: float = 0.0,
     ready_timeout_s: float = 180.0,
+    resources: dict[str, float] | None = None,
 ) -> str:
     """Deploy (or update) the reward server in the current Ray cluster; return its base URL.
 
@@ -108,7 +111,8 @@ def deploy(
     problem = token_required_problem(bound, settings.token)
     if problem:  # Serve's proxy listens beyond this machine: same rule as `aepo serve-reward`
         raise RuntimeError(f"Ray Serve's HTTP proxy is bound to {bound}: {problem}")
-    app = RewardDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}).bind(settings)
+    options = {"num_cpus": num_cpus, **({"resources": dict(resources)} if resources else {})}
+    app = RewardDeployment.options(num_replicas=replicas, ray_actor_options=options).bind(settings)
     serve.run(app, name=name, route_prefix=route_prefix)
     base_url = f"http://{host}:{port}{route_prefix.rstrip('/')}"
     _wait_ready(base_url, ready_timeout_s)

@@ -15,6 +15,7 @@ from controller.rule import BangBangRule, ConstantTarget, ControllerRule, EntroP
 from services.data.config import (CountdownDataConfig, DataConfig, DatasetPreset, FileDataConfig,  # noqa: F401 - re-exported
                                   WordProblemDataConfig)
 from services.learner.config import EntropyAnalysisConfig, LearnerConfig  # noqa: F401 - re-exported
+from services.model.config import ModelConfig, SmallLLMConfig, TinyModelConfig  # noqa: F401 - re-exported
 
 
 class _Strict(BaseModel):
@@ -176,67 +177,6 @@ RIVAL_TYPES = (AdaptiveEntropyConfig, EntroPICConfig)
 # --------------------------------------------------------------------------- system sections
 
 
-class TinyModelConfig(_Strict):
-    """The embedded default: a Qwen2-architecture model built and initialised by the project."""
-
-    hidden_size: int = Field(128, ge=8, description="Model width.")
-    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
-    num_heads: int = Field(4, ge=1, description="Attention heads; hidden_size / num_heads >= 32 for vLLM.")
-    intermediate_size: int = Field(512, ge=8, description="MLP width.")
-    max_position_embeddings: int = Field(
-        256, ge=16, description="Longest prompt + response in tokens (vLLM sizes its KV cache by it)."
-    )
-
-    @model_validator(mode="after")
-    def _heads(self) -> "TinyModelConfig":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        return self
-
-
-class SmallLLMConfig(_Strict):
-    """The project-made small LLM (services/model/small_llm.py): byte-level BPE, chat template, Qwen2 shape."""
-
-    vocab_size: int = Field(1024, ge=300, description="BPE vocabulary (bytes and specials included).")
-    corpus_problems: int = Field(4000, ge=10, description="Word problems (question + solution) the tokenizer is trained on.")
-    corpus_seed: int = Field(12345, description="Seed of that corpus (not the task's train/eval split).")
-    hidden_size: int = Field(128, ge=8, description="Model width.")
-    num_layers: int = Field(4, ge=1, description="Transformer blocks.")
-    num_heads: int = Field(4, ge=1, description="Attention heads; hidden_size / num_heads >= 32 for vLLM.")
-    num_kv_heads: int = Field(2, ge=1, description="Key/value heads (grouped-query attention, as Qwen2.5).")
-    intermediate_size: int = Field(512, ge=8, description="MLP width.")
-    max_position_embeddings: int = Field(512, ge=16, description="Longest prompt + response in tokens.")
-
-    @model_validator(mode="after")
-    def _heads(self) -> "SmallLLMConfig":
-        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"hidden_size {self.hidden_size}, num_heads {self.num_heads}, num_kv_heads "
-                             f"{self.num_kv_heads}: heads must divide the width and kv heads the heads")
-        return self
-
-
-class ModelConfig(_Strict):
-    """Which model: a checkpoint directory (`path`) or the project-made tiny model."""
-
-    path: str | None = Field(
-        None, description="Local path or hub name of an HF causal LM; None builds the embedded tiny model."
-    )
-    builtin: Literal["tiny", "small_llm"] = Field(
-        "tiny", description="Without `path`: the character-level tiny model (the Countdown toy) or the small LLM "
-        "(byte-level BPE, chat template; the word-problem math task)."
-    )
-    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Shape of the embedded tiny model.")
-    small_llm: SmallLLMConfig = Field(default_factory=SmallLLMConfig, description="Shape of the small LLM.")
-    chat_template: bool = Field(False, description="Wrap prompts with the tokenizer's chat template (a user turn).")
-    system_prompt: str | None = Field(
-        None, description="With chat_template: the system turn's text; None = the template's own default (if any)."
-    )
-    init_seed: int | None = Field(
-        None, description="Seed of the tiny model's random init (and so of its warm start); None = trainer.seed. "
-        "Fix it to compare RL seeds from one base model."
-    )
-
-
 class RolloutConfig(_Strict):
     """Rollout generation: engine, group size, lengths, actors and their resources."""
 
@@ -244,6 +184,10 @@ class RolloutConfig(_Strict):
     num_actors: int = Field(1, ge=1, description="Rollout actors (each holds one engine).")
     group_size: int = Field(8, ge=2, description="G: samples per prompt; advantages are normalised within a group.")
     max_tokens: int = Field(24, ge=1, description="Longest response, in tokens.")
+    max_prompt_tokens: int | None = Field(
+        None, ge=1, description="Longest prompt in tokens as the run encodes it (chat template included); at start "
+        "every train and eval prompt is measured against it. None = the longest measured prompt."
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling; 1.0 = off (the theory assumes it off).")
     gpu_memory_utilization: float = Field(
         0.05, gt=0.0, le=1.0, description="vLLM's memory reservation share (keep low on CPU: it reserves RAM)."
@@ -261,12 +205,25 @@ class RolloutConfig(_Strict):
         "auto", description="Engine weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU."
     )
     max_model_len: int | None = Field(
-        None, ge=16, description="vLLM's longest prompt + response; None = the model's max_position_embeddings."
+        None, ge=16, description="Longest prompt + response in tokens, for every engine (vLLM sizes its KV cache by "
+        "it). At start the longest prompt (or max_prompt_tokens) + max_tokens must fit it and it must fit the model's "
+        "max_position_embeddings (services/model/context.py). None = max_position_embeddings."
     )
     enforce_eager: bool | None = Field(
         None, description="vLLM without graph capture/compilation; None = on for vllm-cpu, off for vllm."
     )
     max_batch_rows: int = Field(1024, ge=1, description="hf engine: most rows (prompts x n) per padded batch.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each rollout actor requests, e.g. {node_a: 1} to place "
+        "it on the nodes started with that resource (`ray start --resources`); empty = anywhere.",
+    )
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "RolloutConfig":
+        if self.max_prompt_tokens and self.max_model_len and self.max_prompt_tokens + self.max_tokens > self.max_model_len:
+            raise ValueError(f"rollout.max_prompt_tokens {self.max_prompt_tokens} + max_tokens {self.max_tokens} = "
+                             f"{self.max_prompt_tokens + self.max_tokens} tokens > max_model_len {self.max_model_len}")
+        return self
 
 
 class RewardConfig(_Strict):
@@ -277,6 +234,10 @@ class RewardConfig(_Strict):
     )
     url: str | None = Field(None, description="Base URL of an external reward server.")
     replicas: int = Field(1, ge=1, description="Serve replicas.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each reward replica actor requests, e.g. {node_a: 1} to place "
+        "it on the nodes started with that resource (`ray start --resources`); empty = anywhere.",
+    )
     timeout_s: float = Field(10.0, gt=0.0, description="Per-item verification deadline, seconds.")
     # A timeout or error is the server's failure, not the answer's: a 0 would bias its group's advantages.
     on_failure: Literal["mask", "zero"] = Field(
@@ -307,6 +268,10 @@ class ControllerConfig(_Strict):
     )
     redis_url: str | None = Field(None, description="Persist controller state in Redis; None = in memory.")
     name: str = Field("aepo-entropy-controller", description="Name of the controller's Ray actor.")
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each controller actor requests, e.g. {node_a: 1} to place "
+        "it on the nodes started with that resource (`ray start --resources`); empty = anywhere.",
+    )
 
 
 class TrainerConfig(_Strict):

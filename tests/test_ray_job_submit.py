@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from services.backends.network import free_port
-from testlib import wait_for_http
+from testlib import start_ray_head
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,41 +19,14 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture()
 def ray_head():
-    """`ray start --head --block` in its own process group; killing the group stops only this cluster
-    (`ray stop` would also stop the test session's own local Ray)."""
-    # the job's `python` is the one on the head's PATH: this venv's
-    from services.backends.network import local_ray_env
-
-    # the head's processes stay on loopback and quiet, as a local cluster of `aepo train` does
-    env = {**os.environ, **local_ray_env(), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    # every port of its own: the session's local Ray (tests/conftest.py) holds the default ones
-    own_ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # unix socket paths must stay under 107 bytes
-    start = [
-        str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats",
-        f"--temp-dir={temp}", *own_ports,
-    ]
-    proc = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
+    """A head with its dashboard (the job API) in its own process group; stopping it stops only this
+    cluster (`ray stop` would also stop the test session's own local Ray). The job's `python` is the
+    one on the head's PATH: this venv's."""
+    head = start_ray_head(num_cpus=2, dashboard=True)
     try:
-        wait_for_http(f"{address}/api/version", proc, "ray head", timeout_s=120, interval_s=0.5)
-        yield address, env
+        yield f"http://127.0.0.1:{head.dashboard_port}", head.env
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        shutil.rmtree(temp, ignore_errors=True)
+        head.stop()
 
 
 def test_the_driver_runs_as_a_ray_job_on_a_local_head(ray_head, tmp_path):

@@ -1,8 +1,8 @@
 """Wires the real components for the driver: Ray, the reward server, rollout, learners, controller.
 
 `System` starts (or connects to) everything a run needs and hands the driver a `Components`
-bundle of thin adapters over the Ray actors. Local Ray on 127.0.0.1 by default; inside
-`ray job submit` (RAY_ADDRESS set) it joins the cluster instead.
+bundle of thin adapters over the Ray actors. Local Ray on 127.0.0.1 by default; with RAY_ADDRESS
+set (`ray job submit`, compose's `ray-head` container) it joins that cluster instead.
 """
 
 from __future__ import annotations
@@ -26,11 +26,22 @@ if TYPE_CHECKING:
 log = logging.getLogger("aepo")
 
 
-def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
-    """Join RAY_ADDRESS's cluster when set (ray job submit), else start a local one on loopback.
+def cluster_address() -> str | None:
+    """The running cluster the driver joins: RAY_ADDRESS (`ray job submit` sets it, so does
+    docker-compose.yml in the `ray-head` container), or None: the driver starts a local one."""
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    return address if address and address != "local" else None
 
-    A local cluster keeps every socket on 127.0.0.1 and sends nothing off the machine
-    (services/backends/network.py says what Ray would do otherwise); a user's cluster is left as it is.
+
+def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
+    """Join RAY_ADDRESS's cluster when set, else start a local one on loopback.
+
+    Joining passes no resources: the cluster has its own, and Ray refuses `num_cpus` when it
+    connects to a running cluster, so `num_cpus` only sizes a local one. A local one is asked for
+    explicitly (address "local"): without it Ray would connect to the last cluster `ray start`
+    left on this machine (/tmp/ray/ray_current_cluster) and refuse the CPUs. A local cluster keeps
+    every socket on 127.0.0.1 and sends nothing off the machine (services/backends/network.py says
+    what Ray would do otherwise); a user's cluster is left as it is.
     """
     import ray
 
@@ -40,13 +51,16 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True) -> None:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
+    address = cluster_address()
+    if address is not None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a real cluster with auth sets its own
-        # the address itself, not "auto": auto may pick another cluster on the same machine
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=not quiet)
+        # prefer the address itself to "auto": auto may pick another cluster on the same machine
+        ray.init(address=address, log_to_driver=not quiet)
+        log.info("joined the Ray cluster at %s: %s", address, ray.cluster_resources())
         return
     with local_ray_environment():
         ray.init(
+            address="local",
             num_cpus=num_cpus or os.cpu_count() or 2,
             _node_ip_address=LOOPBACK,
             include_dashboard=False,
@@ -210,7 +224,7 @@ def start_reward(cfg: TrainConfig) -> tuple[str, Any]:
         return proc.url, proc
     from reward_server.serve_deploy import deploy
 
-    return deploy(replicas=rc.replicas), None
+    return deploy(replicas=rc.replicas, resources=rc.resources), None
 
 
 def check_output_dir(cfg: TrainConfig) -> None:
@@ -218,7 +232,7 @@ def check_output_dir(cfg: TrainConfig) -> None:
     (services/backends/storage.py)."""
     from services.backends.storage import check_shared, require_absolute
 
-    require_absolute(cfg.trainer.output_dir, on_cluster=bool(os.environ.get("RAY_ADDRESS")))
+    require_absolute(cfg.trainer.output_dir, on_cluster=cluster_address() is not None)
     os.makedirs(cfg.trainer.output_dir, exist_ok=True)
     check_shared(cfg.trainer.output_dir, cfg.recovery.start_timeout_s)
 

@@ -21,7 +21,8 @@ import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (e.g. a run's policy/) or hub name")
+    p.add_argument("--model", required=True, help="checkpoint directory (e.g. a run's policy/) or hub name "
+                   "(downloaded once into the hub cache: $HF_HUB_CACHE, or read from it with HF_HUB_OFFLINE=1)")
     p.add_argument("--data", required=True, help="benchmark file (.jsonl / .parquet) or hub dataset name")
     p.add_argument("--preset", choices=["dapo_math", "math500", "gsm8k"], help="field layout of a published dataset")
     p.add_argument("--prompt-key", help="dotted path of the prompt (default: the preset's, else 'prompt')")
@@ -45,9 +46,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from services.config import FileDataConfig
     from services.data.datasets import file_items
+    from services.model.hub import ModelUnavailable, resolve_model
 
     if args.samples < 1 or args.max_tokens < 1 or args.batch_prompts < 1:
         print("aepo eval: --samples, --max-tokens and --batch-prompts must be >= 1", file=sys.stderr)
+        return 2
+    name = args.model
+    try:
+        args.model = resolve_model(name, on_cluster=False)  # a local directory: this process runs the engine
+    except ModelUnavailable as exc:
+        print(f"aepo eval: {exc}", file=sys.stderr)
         return 2
     data = FileDataConfig(train_path=args.data, preset=args.preset, prompt_key=args.prompt_key,
                           answer_key=args.answer_key, task=args.task, split=args.split)
@@ -57,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     samples = generate(args, items)
     t_gen = time.monotonic() - t0
     verify_all(args, samples)
-    result = {"model": args.model, "data": args.data, "prompts": len(items), "samples_per_prompt": args.samples,
+    result = {"model": name, "data": args.data, "prompts": len(items), "samples_per_prompt": args.samples,
               "temperature": args.temperature, "engine": args.engine, **score(samples, len(items), args.samples),
               "generation_seconds": round(t_gen, 2), "wall_seconds": round(time.monotonic() - t0, 2)}
     print(json.dumps(result))

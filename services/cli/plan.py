@@ -96,7 +96,8 @@ def cluster_from_ray(args) -> Cluster:
             continue
         r = n.get("Resources", {})
         nodes.append({"CPU": float(r.get("CPU", 0)), "GPU": float(r.get("GPU", 0)),
-                      "memory": int(r.get("memory", 0) + r.get("object_store_memory", 0))})
+                      "memory": int(r.get("memory", 0) + r.get("object_store_memory", 0)),
+                      "custom": {k: float(v) for k, v in r.items() if k not in STANDARD and ":" not in k}})
         types |= {k.split(":", 1)[1] for k in r if k.startswith("accelerator_type:")}
     gm = int(args.gpu_memory_gib * GiB) if args.gpu_memory_gib else None
     if gm is None and len(types) == 1 and next(iter(types)) in GPU_MEMORY_GIB:
@@ -254,16 +255,17 @@ def _nodes_text(cluster: Cluster) -> str:
 
 
 def sequence_lengths(cfg, shape, prompt_tokens: int | None) -> dict:
-    """Tokens per row: prompt (assumed per data type, or --prompt-tokens) + rollout.max_tokens, cut at
-    vLLM's max_model_len (rollout.max_model_len, else the model's positions): vLLM stops there."""
-    prompt = prompt_tokens if prompt_tokens is not None else PROMPT_TOKENS.get(cfg.data.type, 512)
+    """Tokens per row: prompt (--prompt-tokens, else rollout.max_prompt_tokens, else assumed per data
+    type) + rollout.max_tokens, and the limit (rollout.max_model_len, else the model's positions),
+    which the run refuses to exceed (services/model/context.py)."""
     rc = cfg.rollout
+    prompt = next((n for n in (prompt_tokens, rc.max_prompt_tokens) if n is not None), None)
+    assumed = prompt is None
+    prompt = PROMPT_TOKENS.get(cfg.data.type, 512) if assumed else prompt
     wanted = prompt + rc.max_tokens
-    cap = None
-    if rc.engine in ("vllm", "vllm-cpu"):
-        cap = rc.max_model_len or (shape.max_positions if shape is not None else None)
+    cap = rc.max_model_len or (shape.max_positions if shape is not None else None)
     seq = min(wanted, cap) if cap else wanted
-    return {"prompt": prompt, "prompt_assumed": prompt_tokens is None, "response": rc.max_tokens,
+    return {"prompt": prompt, "prompt_assumed": assumed, "response": rc.max_tokens,
             "wanted": wanted, "max_model_len": cap, "seq_len": seq}
 
 
@@ -330,6 +332,30 @@ def check_resources(plan: Plan, cfg) -> None:
             plan.refusals.append(packed)
     if cl.total("CPU") is None:
         plan.warnings.append("CPUs of the cluster not given (--cpus): not checked")
+    plan.refusals += custom_refusals(cfg, plan.needs, cl)
+
+
+STANDARD = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def custom_refusals(cfg, needs: list[RoleNeed], cluster: Cluster) -> list[str]:
+    """A role's custom resources (`<role>.resources`) must add up on the cluster's nodes: a role
+    whose actors ask for a resource no node declares would wait for a node that never comes."""
+    asked = {"learner": cfg.learner.resources, "rollout": cfg.rollout.resources, "reward": cfg.reward.resources,
+             "controller": cfg.controller.resources}
+    out = []
+    for need in (n for n in needs if n.count):
+        for key, amount in asked.get(need.role, {}).items():
+            if any("custom" not in n for n in cluster.nodes):
+                continue  # a cluster described by flags or by this machine: nothing declares custom resources
+            have = sum(n["custom"].get(key, 0.0) for n in cluster.nodes)
+            count = need.count
+            if have < count * amount - 1e-9:
+                declared = sorted({k for n in cluster.nodes for k in n["custom"]})
+                out.append(f"refused: {need.role} asks for {key}: {_num(amount)} per {need.unit.rstrip('s')} "
+                           f"({count} × {_num(amount)}), the cluster's nodes declare {_num(have)} "
+                           f"(custom resources: {', '.join(declared) or 'none'}; `ray start --resources`)")
+    return out
 
 
 def _memory(plan: Plan, cfg) -> None:
@@ -377,7 +403,7 @@ def render(plan: Plan) -> str:
                  + (f", /dev/shm {cl.shm / GiB:.0f} GiB" if cl.shm else ""))
     lines.append(f"model:   {plan.shape.describe() if plan.shape else 'shape unknown'} [{plan.shape_source}]")
     ln = plan.lengths
-    cap = f", cut at max_model_len {ln['max_model_len']}" if ln["max_model_len"] and ln["wanted"] > ln["max_model_len"] else ""
+    cap = f", over the limit {ln['max_model_len']}" if ln["max_model_len"] and ln["wanted"] > ln["max_model_len"] else ""
     lines.append(f"rows:    prompt {ln['prompt']}{' (assumed; --prompt-tokens)' if ln['prompt_assumed'] else ''} + "
                  f"response {ln['response']} = {ln['wanted']} tokens{cap}: L = {ln['seq_len']}")
     lines += ["", f"{'role':<11}{'count':>6}  {'each':<16}{'total':<16}{'memory (estimate, each)':<}"]

@@ -3,7 +3,8 @@
     aepo train --config deploy/configs/cpu_default.yaml [--output-dir DIR] [--resume] [--compare grpo] \
         [key.path=value ...]      e.g. trainer.steps=20 algorithm.target.value=0.3 rollout.engine=vllm-cpu
 
-Parse the config, build the model (the embedded tiny model is warm-started once and cached),
+Parse the config, get the model (a hub name is downloaded once into model.cache_dir; the embedded
+tiny model is warm-started once and cached), check that the prompts and responses fit its context,
 start the system, train, write the outputs, close. `--compare grpo` runs the same config with
 plain GRPO afterwards, in the same cluster, for the same budget, and plots both.
 """
@@ -53,6 +54,8 @@ def main(args: argparse.Namespace) -> int:
     after a checkpoint, 2 when the output directory and --resume/--overwrite disagree."""
     from services.loop import checkpoint, interrupt
     from services.loop.outputs import RunDirNotEmpty
+    from services.model.context import ContextTooLong
+    from services.model.hub import ModelUnavailable
 
     if getattr(args, "resume", False) and getattr(args, "overwrite", False):
         print("aepo train: --resume and --overwrite contradict each other", file=sys.stderr)
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
         interrupt.install()
     try:
         return _train(args)
-    except (checkpoint.NoCheckpoint, RunDirNotEmpty) as exc:
+    except (checkpoint.NoCheckpoint, RunDirNotEmpty, ModelUnavailable, ContextTooLong) as exc:
         print(f"aepo train: {exc}", file=sys.stderr)
         return 2
     except interrupt.Interrupted as exc:
@@ -108,7 +111,7 @@ def _train(args: argparse.Namespace) -> int:
     mode = {"resume": args.resume, "overwrite": getattr(args, "overwrite", False)}
     # before anything starts: a missing checkpoint is an error now, not after the warm start
     run_id, base_id = (run_id_for(c, o, args.resume) if c is not None else None for c, o in ((cfg, out), (base, base_out)))
-    model_path, warm = prepare_model(cfg, progress=not args.no_progress)
+    model_path, warm, items = prepare_run(cfg, progress=not args.no_progress)
     runs = {}
     if backend == "local":
         from services.backends.in_process import LocalSystem
@@ -124,17 +127,17 @@ def _train(args: argparse.Namespace) -> int:
             sibling = system.sibling(base, run_id=base_id)
             try:
                 with ThreadPoolExecutor(2) as pool:
-                    main_run = pool.submit(run_one, cfg, system, out, mode, progress, 0)
-                    base_run = pool.submit(run_one, base, sibling, base_out, mode, progress, 1)
+                    main_run = pool.submit(run_one, cfg, system, out, mode, progress, 0, items)
+                    base_run = pool.submit(run_one, base, sibling, base_out, mode, progress, 1, items)
                     hand_over_threads({main_run: sibling, base_run: system}, threads_alone)
                     runs[cfg.algorithm.type], runs[args.compare] = main_run.result(), base_run.result()
             finally:
                 sibling.close()
         else:
-            runs[cfg.algorithm.type] = run_one(cfg, system, out, mode, progress)
+            runs[cfg.algorithm.type] = run_one(cfg, system, out, mode, progress, items=items)
             if base is not None:
                 system.restart_policy_side(base, run_id=base_id)
-                runs[args.compare] = run_one(base, system, base_out, mode, progress)
+                runs[args.compare] = run_one(base, system, base_out, mode, progress, items=items)
     finish(cfg, out, runs, warm, time.monotonic() - t0)
     return 0
 
@@ -188,12 +191,31 @@ def cluster_fits(cpus: int) -> bool:
     return ray.cluster_resources().get("CPU", 0) >= cpus
 
 
+def prepare_run(cfg, progress: bool) -> tuple[str, dict, tuple[list, list]]:
+    """Before any engine or learner starts: the model's local directory (`prepare_model`), the
+    prompts, and the context check (the longest prompt + rollout.max_tokens fits rollout.max_model_len
+    and the model: services/model/context.py)."""
+    from services.data.datasets import load_items
+    from services.model.context import check_context
+
+    path, warm = prepare_model(cfg, progress)
+    items = load_items(cfg.data)
+    fit = check_context(cfg, path, items)
+    bound = "" if fit["prompt_bound"] == fit["longest_prompt"] else f" (bound {fit['prompt_bound']})"
+    print(f"context: longest prompt {fit['longest_prompt']} tokens{bound} + max_tokens {fit['max_tokens']}, within "
+          f"max_model_len {fit['max_model_len'] or 'unset'} and the model's {fit['positions'] or '?'} positions", flush=True)
+    return path, warm, items
+
+
 def prepare_model(cfg, progress: bool) -> tuple[str, dict]:
-    """The path the engines and learners load; warm-starts a built-in model on its task (cached):
-    the tiny model on the Countdown toy, the small LLM on the word problems."""
+    """The local directory the engines and learners load: a hub name downloaded into model.cache_dir
+    (services/model/hub.py), or a built-in model, warm-started on its task (cached): the tiny model
+    on the Countdown toy, the small LLM on the word problems."""
     from services.model.tiny import default_cache_dir, resolve_model_path
 
     path = resolve_model_path(cfg.model, seed=cfg.trainer.seed if cfg.model.init_seed is None else cfg.model.init_seed)
+    if cfg.model.path is not None and path != cfg.model.path:
+        print(f"model: {cfg.model.path} -> {path}", flush=True)
     if cfg.model.path is not None or cfg.data.type not in ("countdown", "wordproblems") or cfg.warm_start.steps == 0:
         return path, {}
     from services.model.warmstart import warm_start
@@ -223,12 +245,12 @@ def run_id_for(cfg, out: Path, resume: bool) -> str:
     return saved
 
 
-def run_one(cfg, system, out: Path, mode: dict, progress: bool, position: int = 0) -> dict:
+def run_one(cfg, system, out: Path, mode: dict, progress: bool, position: int = 0, items=None) -> dict:
     from services.data.datasets import load_items
     from services.loop.trainer import Trainer
     from services.loop.metrics import RunMetrics
 
-    train_items, eval_items = load_items(cfg.data)
+    train_items, eval_items = items if items is not None else load_items(cfg.data)
     metrics = RunMetrics(cfg.run_name, cfg.trainer.metrics_port, cfg.trainer.metrics_host)
     try:
         trainer = Trainer(cfg, system.components(metrics), train_items, eval_items, out, progress=progress,

@@ -141,8 +141,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 # Settings that change how fast a run goes, or what it writes beside its results, not what it
 # computes (each speed switch has a test that the update or the samples are the same either way):
 # left out of the digest, so that adding or flipping one does not orphan finished runs.
-SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params"),
-              "trainer": ("export_policy", "loggers", "save_every_seconds")}
+SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params",
+                          "resources"),
+              "trainer": ("export_policy", "loggers", "save_every_seconds"),
+              # where a role's actors run and where a hub model is cached: not what they compute
+              "rollout": ("resources",), "reward": ("resources",), "controller": ("resources",), "model": ("cache_dir",)}
 # whole sections of that kind: timeouts and the recovery budget change when a run gives up, never
 # a row it writes (a recovered run's metrics equal an untouched one's: tests/test_recovery.py)
 SPEED_ONLY_SECTIONS = ("recovery",)
@@ -151,7 +154,9 @@ SPEED_ONLY_SECTIONS = ("recovery",)
 # names); at any other value they name a different run.
 LEGACY_DEFAULTS = {
     "learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"},
-    "model": {"builtin": "tiny", "system_prompt": None, "small_llm": SmallLLMConfig().model_dump(mode="json")},
+    "model": {"builtin": "tiny", "system_prompt": None, "small_llm": SmallLLMConfig().model_dump(mode="json"),
+              "revision": None},
+    "rollout": {"max_prompt_tokens": None},  # a bound the context check enforces; None checks the prompts themselves
     # masking unverified items differs from scoring them 0 only when an item times out or errors;
     # the runs made before it record none (reward_failures all 0), so they computed the same
     "reward": {"on_failure": "mask", "max_failure_share": 0.2},
@@ -194,7 +199,7 @@ def make_job(spec: ExperimentSpec, group: RunGroup, target: float | None, seed: 
         steps=steps, seed=seed, eval_every=spec.eval_every, eval_samples=spec.eval_samples,
         eval_prompts=spec.eval_prompts, final_eval_samples=spec.final_eval_samples,
         final_eval_prompts=spec.final_eval_prompts, save_every=0, keep_checkpoints=1, metrics_port=0, log_samples=0,
-        output_dir="",
+        output_dir="", export_policy=False,  # a report reads the runs' logs; 7 MB of weights per run would not help it
     )
     base["run_name"] = "x"
     cfg = TrainConfig.model_validate(base).model_dump(mode="json")

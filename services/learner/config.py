@@ -51,6 +51,10 @@ class LearnerConfig(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy of the learner bundles."
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray custom resources each learner actor (and its bundle) requests, e.g. {node_a: 1} to place "
+        "it on the nodes started with that resource (`ray start --resources`); empty = anywhere.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (large models).")
     fuse_scoring: bool = Field(
         True,

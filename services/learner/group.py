@@ -37,7 +37,7 @@ class LearnerGroup:
         self.recovery = rc = recovery or RecoveryConfig()
         self.device = _resolve_device(cfg)
         gpus = 1 if self.device == "cuda" else 0
-        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {})}
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {}), **cfg.resources}
         self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=cfg.placement_strategy)
         self.workers = []
         if not self.pg.wait(timeout_seconds=rc.start_timeout_s):
@@ -49,6 +49,7 @@ class LearnerGroup:
             remote_cls.options(
                 num_cpus=cfg.cpus_per_worker,
                 num_gpus=gpus,
+                resources=dict(cfg.resources),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
             ).remote(rank, self.world_size, model_path, cfg, algorithm, seed, self.device)
             for rank in range(self.world_size)

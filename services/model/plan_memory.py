@@ -117,7 +117,8 @@ def shape_from_hf_config(config: dict, name: str) -> ModelShape:
 def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | None, str]:
     """The shape of `model_cfg` (a ModelConfig) and where it came from; (None, why) when unknown.
 
-    Order: an explicit preset; config.json of a local `model.path`; a hub name with a preset; the
+    Order: an explicit preset; config.json of a local `model.path`, or of a hub name already in the
+    hub cache (model.cache_dir; nothing is downloaded); a hub name with a preset; the
     built-in model's config section (tiny: a character vocabulary; small_llm: its BPE size, an upper bound).
     """
     if preset is not None:
@@ -127,6 +128,9 @@ def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | No
         config = Path(path) / "config.json"
         if config.is_file():
             return shape_from_hf_config(json.loads(config.read_text()), path), f"{config}"
+        cached = _hub_cached_config(model_cfg)
+        if cached is not None:
+            return shape_from_hf_config(json.loads(cached.read_text()), path), f"{cached} (hub cache)"
         if path.lower() in HUB_PRESETS:
             key = HUB_PRESETS[path.lower()]
             return PRESETS[key], f"hub name {path}: preset {key}"
@@ -140,6 +144,14 @@ def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | No
     t = model_cfg.tiny
     return ModelShape("tiny", t.hidden_size, t.num_layers, t.num_heads, t.num_heads, t.intermediate_size,
                       len(tiny_vocab()), True, t.max_position_embeddings, dtype_bytes=4), "model.tiny"
+
+
+def _hub_cached_config(model_cfg) -> Path | None:
+    from services.model.hub import cached_file, is_hub_name
+
+    if not is_hub_name(model_cfg.path):
+        return None
+    return cached_file(model_cfg.path, "config.json", model_cfg.cache_dir, model_cfg.revision)
 
 
 # --------------------------------------------------------------------------- estimates
@@ -393,6 +405,22 @@ def _check_learner(cfg, shape: ModelShape, device: str, lengths: dict, cap: Capa
                             "fragmentation (left out of the estimate) can take that")
 
 
+def _check_lengths(rc, shape: ModelShape, lengths: dict, out: Findings) -> None:
+    """The run's context rules (services/model/context.py); a prompt length only assumed gives warnings."""
+    from services.model.context import fit_problems, setting_problem
+
+    where = f"{shape.name}'s max_position_embeddings"
+    setting = setting_problem(rc.max_model_len, shape.max_positions, where)
+    if setting:
+        out.refusals.append(f"refused: rollout: {setting}")
+    what = "prompt (assumed; --prompt-tokens or rollout.max_prompt_tokens)" if lengths["prompt_assumed"] else "prompt"
+    for problem in fit_problems(lengths["prompt"], what, rc.max_tokens, rc.max_model_len, shape.max_positions, where):
+        if lengths["prompt_assumed"]:
+            out.warnings.append(f"rollout: {problem} (aepo train refuses prompts that long)")
+        else:
+            out.refusals.append(f"refused: rollout: {problem}")
+
+
 def _check_rollout(cfg, shape: ModelShape, engine_gpus: float, on_gpu: bool, lengths: dict, rows: int,
                    cap: Capacity, out: Findings) -> None:
     rc = cfg.rollout
@@ -402,13 +430,7 @@ def _check_rollout(cfg, shape: ModelShape, engine_gpus: float, on_gpu: bool, len
                             "the actor and vLLM needs one")
     if rc.engine == "vllm" and engine_gpus > 1:
         out.warnings.append(f"rollout: {engine_gpus:g} GPUs reserved per actor, the engine uses one (no tensor parallelism)")
-    if vllm and rc.max_model_len and rc.max_model_len > shape.max_positions:
-        out.refusals.append(f"refused: rollout: max_model_len {rc.max_model_len} is over the model's "
-                            f"{shape.max_positions} positions: vLLM refuses to start")
-    if vllm and lengths["max_model_len"] and lengths["wanted"] > lengths["max_model_len"]:
-        out.warnings.append(f"rollout: prompt {lengths['prompt']} + max_tokens {rc.max_tokens} = {lengths['wanted']} tokens "
-                            f"> max_model_len {lengths['max_model_len']}: vLLM stops every row at "
-                            f"{lengths['max_model_len']} tokens, responses are cut there")
+    _check_lengths(rc, shape, lengths, out)
     memory = cap.gpu if on_gpu else cap.node
     est = engine_memory(shape, rc, "cuda" if on_gpu else "cpu", memory, rows, lengths["seq_len"])
     out.estimates["rollout"] = est

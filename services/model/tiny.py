@@ -1,5 +1,5 @@
 """Models and tokenizers: the embedded tiny Qwen2 model with its character-level tokenizer, and
-loading of any HF causal LM by local path (or hub name, when the hub is reachable).
+loading of any HF causal LM from a local directory (a hub name is resolved to one first: hub.py).
 
 The tiny model is written in HF format (`save_pretrained` + a `PreTrainedTokenizerFast`), so the
 HF engine, vLLM and the learners all load the very same files. Nothing in the default path
@@ -131,14 +131,17 @@ def default_cache_dir() -> Path:
 
 
 def resolve_model_path(cfg: ModelConfig, cache_dir: str | Path | None = None, seed: int = 0) -> str:
-    """The path every engine and learner loads: `cfg.path`, or the built-in model (`cfg.builtin`:
-    the tiny model, or the small LLM) built under `cache_dir`.
+    """The local directory every engine and learner loads: `cfg.path` (a hub name resolved to its
+    snapshot in `cfg.cache_dir`, downloaded if need be: services/model/hub.py), or the built-in model
+    (`cfg.builtin`: the tiny model, or the small LLM) built under `cache_dir`.
 
     The tiny model's directory is named by its config hash, so changing its shape never reuses
-    stale files. Sets HF_HUB_OFFLINE=1 for the default (tiny) path: nothing may be downloaded.
+    stale files. Sets HF_HUB_OFFLINE=1 for the built-in models: nothing may be downloaded.
     """
     if cfg.path is not None:
-        return cfg.path
+        from services.model.hub import resolve_model
+
+        return resolve_model(cfg.path, cfg.cache_dir, cfg.revision)
     os.environ["HF_HUB_OFFLINE"] = "1"
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cfg.builtin == "small_llm":

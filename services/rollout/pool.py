@@ -21,10 +21,10 @@ from services.rollout.service import RolloutResult, RolloutService, SamplingRequ
 log = logging.getLogger("aepo")
 
 
-def rollout_resources(cfg: RolloutConfig) -> dict[str, float]:
+def rollout_resources(cfg: RolloutConfig) -> dict:
     """Ray resources of one rollout actor: vLLM needs a GPU unless told otherwise."""
     gpus = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1.0 if cfg.engine == "vllm" else 0.0)
-    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus}
+    return {"num_cpus": cfg.cpus_per_actor, "num_gpus": gpus, "resources": dict(cfg.resources)}
 
 
 def _split(items: Sequence, k: int) -> list[Sequence]:

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
 
 import pytest
 from _deploy_helpers import COMPOSE_FILE, ROOT, compose_binary, run, show
-
-DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +49,14 @@ def test_host_ports_are_loopback_only(config):
 
 def test_ray_head(config):
     head = config["services"]["ray-head"]
-    assert head["build"]["dockerfile"] == "deploy/docker/Dockerfile"
+    assert head["build"]["dockerfile"] == "deploy/docker/Dockerfile" and head["build"]["target"] == "cpu"
     cmd = head["command"]
     assert cmd[:4] == ["ray", "start", "--head", "--block"]
     assert "--dashboard-host=0.0.0.0" in cmd and "--metrics-export-port=8080" in cmd
+    # `aepo train` in the container joins this head (services/backends/ray_cluster.py init_ray) at
+    # its own host name and GCS port, instead of starting a second Ray
+    assert "--port=6379" in cmd and head["hostname"] == "ray-head"
+    assert head["environment"]["RAY_ADDRESS"] == "ray-head:6379"
     assert {p["target"] for p in head["ports"]} >= {8265, 9400, 8080}
     assert any(v["target"] == "/tmp/ray" and v["source"] == "ray-tmp" for v in head["volumes"])
 
@@ -79,15 +80,3 @@ def test_prometheus_sees_config_rules_and_ray_discovery(config):
 def test_grafana_is_provisioned(config):
     mounts = {v["target"]: v["source"] for v in config["services"]["grafana"]["volumes"]}
     assert mounts["/etc/grafana/provisioning"] == str(ROOT / "deploy" / "grafana" / "provisioning")
-
-
-def test_dockerfile():
-    text = DOCKERFILE.read_text()
-    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
-    torch_at = text.index('pip install "torch==${TORCH_VERSION}"')
-    assert "ARG TORCH_VERSION=2.13.0" in text
-    assert torch_at < text.index("pip install .")  # torch pinned before the project pulls one
-    for src in re.findall(r"^COPY (?!--)(.+) \S+$", text, re.M):
-        for path in src.split():
-            assert (ROOT / path).exists(), f"Dockerfile copies {path}, which is not in the repository"
-    assert re.search(r"^EXPOSE .*\b8265\b.*\b8080\b.*\b9400\b.*\b8000\b", text, re.M)

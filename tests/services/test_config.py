@@ -22,7 +22,8 @@ def test_deploy_has_the_default_a_gpu_recipe_and_every_baseline():
     names = {p.stem for p in RUN_CONFIGS}
     assert {"cpu_default", "gpu_qwen25_math_7b_dapo"} <= names
     types = {load_config(p).algorithm.type for p in RUN_CONFIGS}
-    assert types == {"grpo", "aepo", "aepo_t1", "aepo_signed", "entropy_reg", "entropy_adv", "clip_cov", "kl_cov"}
+    assert types == {"grpo", "aepo", "aepo_t1", "aepo_signed", "entropy_reg", "entropy_adv", "clip_cov", "kl_cov",
+                     "adaptive_entropy", "entropic"}
 
 
 @pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)

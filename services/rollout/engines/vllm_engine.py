@@ -39,6 +39,9 @@ from services.rollout.engines import EngineOutput, EngineRequest
 
 def _eos_ids(model_path: str) -> list[int]:
     """Stop ids from the checkpoint's generation_config.json, else config.json."""
+    if not Path(model_path).is_dir():
+        raise ValueError(f"vLLM engine: {model_path!r} is not a local directory; the driver resolves a hub name to its "
+                         "snapshot before any engine starts (services/model/hub.py), so pass that directory")
     for name in ("generation_config.json", "config.json"):
         try:
             eos = json.loads((Path(model_path) / name).read_text()).get("eos_token_id")

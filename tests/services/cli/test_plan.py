@@ -28,8 +28,20 @@ def test_the_gpu_recipe_on_8_gpus_is_refused_with_the_16_gpu_message(capsys):
     assert rc == 1
     assert SIXTEEN in out
     assert "verdict: REFUSED" in out
-    # Qwen2.5-Math-7B has 4,096 positions: vLLM cuts the recipe's 8,192-token responses there
-    assert "max_model_len 4096" in out and "responses are cut there" in out
+    assert "rows:    prompt 1024 + response 3072 = 4096 tokens: L = 4096" in out and "rollout: prompt" not in out
+
+
+def test_responses_that_do_not_fit_the_models_positions_are_refused_as_the_run_refuses_them(capsys):
+    # Qwen2.5-Math-7B has 4,096 positions: the paper's 8,192-token responses do not fit them
+    old = ("rollout.max_tokens=8192", "rollout.max_model_len=null", "--gpus", "16", "--gpu-memory-gib", "141")
+    rc, out = run(capsys, RECIPE, *old)
+    assert rc == 1
+    assert ("refused: rollout: prompt 1024 + rollout.max_tokens 8192 = 9216 tokens > the model's 4096 positions "
+            "(qwen2.5-math-7b's max_position_embeddings): lower rollout.max_tokens to 3072 or less") in out
+    # a prompt length only assumed (no rollout.max_prompt_tokens, no --prompt-tokens) gives a warning
+    rc, out = run(capsys, RECIPE, "rollout.max_prompt_tokens=null", *old)
+    assert "refused: rollout: prompt" not in out
+    assert "rollout: prompt (assumed; --prompt-tokens or rollout.max_prompt_tokens) 512 + rollout.max_tokens 8192" in out
 
 
 def test_cpu_default_fits_the_local_2_cpu_description(capsys):
@@ -159,7 +171,7 @@ def test_a_vllm_reservation_without_room_for_one_sequence_is_refused(capsys):
     assert rc == 1
     assert "refused: rollout: vLLM reserves 14.1 GiB" in out and "vLLM refuses to start" in out
     rc, out = run(capsys, RECIPE, "rollout.max_model_len=8704", "--gpus", "16", "--gpu-memory-gib", "141")
-    assert "max_model_len 8704 is over the model's 4096 positions" in out
+    assert "refused: rollout: rollout.max_model_len 8704 is over the model's 4096 positions" in out
 
 
 def test_strict_pack_learners_that_fit_in_total_but_on_no_node_are_refused(capsys):
@@ -220,3 +232,20 @@ def test_plan_help_imports_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_a_roles_custom_resources_must_be_declared_by_the_clusters_nodes():
+    from services.cli.config_file import load_config
+    from services.cli.plan import Cluster, make_plan
+
+    cfg = load_config(CPU_DEFAULT, ["learner.resources={learners_node: 1}", "rollout.resources={rollout_node: 1}"])
+    nodes = [{"CPU": 4.0, "GPU": 0.0, "memory": 16 * 2**30, "custom": {"learners_node": 2.0}},
+             {"CPU": 4.0, "GPU": 0.0, "memory": 16 * 2**30, "custom": {"rollout_node": 1.0}}]
+    assert make_plan(cfg, Cluster("ray", nodes)).fits  # 2 workers x 1 on one node, 1 actor x 1 on the other
+    nodes[0]["custom"] = {"learners_node": 1.0}
+    plan = make_plan(cfg, Cluster("ray", nodes))
+    assert not plan.fits
+    assert plan.refusals == ["refused: learner asks for learners_node: 1 per worker (2 × 1), the cluster's nodes "
+                             "declare 1 (custom resources: learners_node, rollout_node; `ray start --resources`)"]
+    flags = [{k: v for k, v in n.items() if k != "custom"} for n in nodes]  # not read from Ray: not checked
+    assert make_plan(cfg, Cluster("flags", flags)).fits

@@ -91,7 +91,7 @@ def test_the_default_path_builds_under_the_cache_offline(tmp_path, monkeypatch):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     assert path == str(tmp_path / f"tiny-{tiny_config_hash(small, 0)}")
     assert load_tokenizer(path).decode(encode_prompt(load_tokenizer(path), "1 + 2"), skip_special_tokens=True) == "1 + 2"
-    assert resolve_model_path(ModelConfig(path="/some/local/model")) == "/some/local/model"
+    assert resolve_model_path(ModelConfig(path=str(tmp_path))) == str(tmp_path)  # a local directory, unchanged
 
 
 def test_a_width_not_divisible_by_the_head_count_is_rejected():
