@@ -199,7 +199,14 @@ class RolloutConfig(_Strict):
         "learner update never overlap, so on a small machine the engine may use every core while it generates.",
     )
     gpus_per_actor: float | None = Field(
-        None, ge=0.0, description="Ray GPUs per rollout actor; None = 1 for engine 'vllm', else 0 (hf uses a GPU only if given one)."
+        None, ge=0.0, description="Ray GPUs per rollout actor (split placement); None = 1 for engine 'vllm', else 0. "
+        "Ray 2.60 leaves every GPU visible to an actor that reserves none: an hf engine with 0 still finds one."
+    )
+    placement: Literal["split", "colocated"] = Field(
+        "split", description="split: rollout actors reserve their own GPUs (gpus_per_actor) beside the learners'; "
+        "colocated: each rollout actor shares one learner rank's GPU, in one placement group of the run "
+        "(services/backends/placement.py), and its engine sleeps while the learners train (vLLM's sleep mode, level "
+        "1: weights to host memory, KV cache freed). Needs num_actors <= learner.num_workers.",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Engine weights dtype; auto = float32 on CPU, the checkpoint's dtype on GPU."
@@ -376,6 +383,14 @@ class TrainConfig(_Strict):
             if not self.model.chat_template:
                 raise ValueError("data.type wordproblems with the built-in small LLM: set model.chat_template: true "
                                  "(the warm start teaches answers to chat-templated questions)")
+        return self
+
+    @model_validator(mode="after")
+    def _colocated_fits(self) -> "TrainConfig":
+        if self.rollout.placement == "colocated" and self.rollout.num_actors > self.learner.num_workers:
+            raise ValueError(f"rollout.placement colocated puts each rollout actor on a learner rank's GPU: "
+                             f"rollout.num_actors {self.rollout.num_actors} > learner.num_workers "
+                             f"{self.learner.num_workers}; use at most {self.learner.num_workers} actors or split")
         return self
 
     @model_validator(mode="after")

@@ -311,6 +311,7 @@ class System(PolicySystem):
         self.cfg, self.model_path = cfg, model_path
         self.run_id = run_id or new_run_id(cfg.run_name)
         self._closers: list = []
+        self.bundles = None  # colocated placement: the run's shared bundles (services/backends/placement.py)
         init_ray(quiet=quiet)
         check_output_dir(cfg)
         self.reward_url, closer = start_reward(cfg)
@@ -337,16 +338,21 @@ class System(PolicySystem):
         self.controller = RayControllerClient(self.controller_handle, rc.controller_timeout_s)
 
     def _start_learners(self) -> None:
-        from services.learner.group import LearnerGroup
+        from services.backends.placement import colocated_bundles
+        from services.learner.group import LearnerGroup, _resolve_device
 
         cfg = self.cfg
+        if cfg.rollout.placement == "colocated" and self.bundles is None:
+            gpu = _resolve_device(cfg.learner) == "cuda"
+            self.bundles = colocated_bundles(cfg.learner, cfg.rollout, gpu, cfg.recovery.start_timeout_s)
         self.learners = LearnerGroup(self.model_path, learner_config(cfg), cfg.algorithm, seed=cfg.trainer.seed,
-                                     recovery=cfg.recovery)
+                                     recovery=cfg.recovery, bundles=self.bundles)
 
     def _start_rollout(self) -> None:
         from services.rollout.pool import RolloutPool
 
-        self.pool = RolloutPool(self.model_path, self.cfg.rollout, seed=self.cfg.trainer.seed, recovery=self.cfg.recovery)
+        self.pool = RolloutPool(self.model_path, self.cfg.rollout, seed=self.cfg.trainer.seed, recovery=self.cfg.recovery,
+                                bundles=self.bundles)
 
     def recover(self, role: str) -> None:
         """Replace `role`'s actors with new ones on the initial weights (the driver then rolls the
@@ -373,7 +379,7 @@ class System(PolicySystem):
         if cfg.controller.name == self.cfg.controller.name:
             raise ValueError(f"a sibling run needs its own controller.name, not {cfg.controller.name!r}")
         other = System.__new__(System)
-        other.cfg, other.model_path, other._closers = cfg, self.model_path, []
+        other.cfg, other.model_path, other._closers, other.bundles = cfg, self.model_path, [], None
         other.run_id = run_id or new_run_id(cfg.run_name)
         other.reward_url = self.reward_url
         other.reward = RewardAdapter(self.reward_url, cfg.reward.timeout_s, os.environ.get("AEPO_REWARD_TOKEN"))
@@ -390,11 +396,16 @@ class System(PolicySystem):
         import ray
 
         for stop in (lambda: self.learners.shutdown(), lambda: self.pool.shutdown(),
-                     lambda: ray.kill(self.controller_handle, no_restart=True)):
+                     lambda: ray.kill(self.controller_handle, no_restart=True), self._free_bundles):
             try:
                 stop()
             except Exception as exc:  # best effort at teardown: report, keep closing the rest
                 log.warning("shutdown: %s", exc)
+
+    def _free_bundles(self) -> None:
+        bundles, self.bundles = self.bundles, None
+        if bundles is not None:
+            bundles.remove()
 
     def close(self) -> None:
         self._stop_policy_side()

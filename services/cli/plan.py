@@ -171,8 +171,10 @@ def role_needs(cfg, cluster_gpus: float) -> tuple[list[RoleNeed], str]:
     lc, rc = cfg.learner, cfg.rollout
     device = learner_device(lc, cluster_gpus)
     res = rollout_resources(rc)
+    colocated = rc.placement == "colocated"  # the engines take half of the learners' GPUs, none of their own
     needs = [
-        RoleNeed("rollout", rc.num_actors, "actors", res["num_cpus"], res["num_gpus"], f"engine {rc.engine}"),
+        RoleNeed("rollout", rc.num_actors, "actors", res["num_cpus"], 0.0 if colocated else res["num_gpus"],
+                 f"engine {rc.engine}" + (", colocated on the learners' GPUs" if colocated else "")),
         RoleNeed("learner", lc.num_workers, "workers", lc.cpus_per_worker, 1.0 if device == "cuda" else 0.0,
                  f"device {device}" + (", by device: auto" if lc.device == "auto" else "")),
     ]
@@ -367,8 +369,16 @@ def _memory(plan: Plan, cfg) -> None:
     cap = Capacity(gpu=cl.gpu_memory, node=min(node_mem) if node_mem else None,
                    total=int(cl.total("memory")) if cl.total("memory") is not None else None, shm=cl.shm,
                    engines_per_node=engines_per_node(rollout, cl))
-    found = check_memory(cfg, plan.shape, plan.device, rollout.gpu, plan.lengths, rollout_rows(cfg), cap)
-    plan.memory, plan.refusals, plan.warnings = found.estimates, plan.refusals + found.refusals, plan.warnings + found.warnings
+    from services.backends.placement import colocated_refusal
+
+    # colocated: one engine per learner GPU, checked as if alone there; what it shares with the
+    # learner rank beside it is colocated_refusal's
+    colocated = cfg.rollout.placement == "colocated" and plan.device == "cuda"
+    found = check_memory(cfg, plan.shape, plan.device, 1.0 if colocated else rollout.gpu, plan.lengths,
+                         rollout_rows(cfg), cap)
+    shared = colocated_refusal(cfg, plan.shape.params, cl.gpu_memory) if colocated else None
+    plan.memory, plan.warnings = found.estimates, plan.warnings + found.warnings
+    plan.refusals += found.refusals + ([shared] if shared else [])
     if cl.total("memory") is None:
         plan.warnings.append("host memory of the cluster not given (--memory-gib): not checked")
 

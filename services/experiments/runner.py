@@ -156,7 +156,8 @@ LEGACY_DEFAULTS = {
     "learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"},
     "model": {"builtin": "tiny", "system_prompt": None, "small_llm": SmallLLMConfig().model_dump(mode="json"),
               "revision": None},
-    "rollout": {"max_prompt_tokens": None},  # a bound the context check enforces; None checks the prompts themselves
+    # a bound the context check enforces (None checks the prompts themselves); where the engines run
+    "rollout": {"max_prompt_tokens": None, "placement": "split"},
     # masking unverified items differs from scoring them 0 only when an item times out or errors;
     # the runs made before it record none (reward_failures all 0), so they computed the same
     "reward": {"on_failure": "mask", "max_failure_share": 0.2},

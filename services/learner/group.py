@@ -28,30 +28,20 @@ class LearnerGroup:
     """`cfg.num_workers` LearnerWorker actors in one placement group, forming one process group."""
 
     def __init__(self, model_path: str, cfg: LearnerConfig, algorithm: AlgorithmConfig, seed: int = 0,
-                 recovery: RecoveryConfig | None = None):
+                 recovery: RecoveryConfig | None = None, bundles=None):
         import ray
-        from ray.util.placement_group import placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.cfg, self.world_size = cfg, cfg.num_workers
         self.recovery = rc = recovery or RecoveryConfig()
         self.device = _resolve_device(cfg)
-        gpus = 1 if self.device == "cuda" else 0
-        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpus else {}), **cfg.resources}
-        self.pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=cfg.placement_strategy)
-        self.workers = []
-        if not self.pg.wait(timeout_seconds=rc.start_timeout_s):
-            remove_pg(self.pg)
-            raise RoleTimeout("learner", f"placement group of {self.world_size} x {bundle} not placed within "
-                              f"{rc.start_timeout_s:g} s; the cluster has {ray.cluster_resources()}")
+        self.workers: list = []
+        # colocated (services/backends/placement.py): the run's shared bundles, which outlive this group
+        self._own_pg = bundles is None
+        self.pg = self._placement_group() if bundles is None else bundles.pg
         remote_cls = ray.remote(LearnerWorker)
         self.workers = [
-            remote_cls.options(
-                num_cpus=cfg.cpus_per_worker,
-                num_gpus=gpus,
-                resources=dict(cfg.resources),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-            ).remote(rank, self.world_size, model_path, cfg, algorithm, seed, self.device)
+            remote_cls.options(**(self._options(rank) if bundles is None else bundles.learner_options(rank)))
+            .remote(rank, self.world_size, model_path, cfg, algorithm, seed, self.device)
             for rank in range(self.world_size)
         ]
         # rank 0's node hosts the rendezvous: its IP (127.0.0.1 on a loopback-only cluster) and a
@@ -139,8 +129,30 @@ class LearnerGroup:
 
         for w in self.workers:
             ray.kill(w, no_restart=True)
-        remove_pg(self.pg)
+        if self._own_pg:
+            remove_pg(self.pg)
         self.workers = []
+
+    def _placement_group(self):
+        """One bundle per rank, {CPU, GPU on cuda, the role's custom resources} (split placement)."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        cfg, rc = self.cfg, self.recovery
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if self.device == "cuda" else {}), **cfg.resources}
+        pg = placement_group([dict(bundle) for _ in range(self.world_size)], strategy=cfg.placement_strategy)
+        if not pg.wait(timeout_seconds=rc.start_timeout_s):
+            remove_pg(pg)
+            raise RoleTimeout("learner", f"placement group of {self.world_size} x {bundle} not placed within "
+                              f"{rc.start_timeout_s:g} s; the cluster has {ray.cluster_resources()}")
+        return pg
+
+    def _options(self, rank: int) -> dict:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"num_cpus": self.cfg.cpus_per_worker, "num_gpus": 1 if self.device == "cuda" else 0,
+                "resources": dict(self.cfg.resources),
+                "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)}
 
 
 def remove_pg(pg) -> None:

@@ -39,8 +39,10 @@ def _split(items: Sequence, k: int) -> list[Sequence]:
 class RolloutPool:
     """`cfg.num_actors` RolloutService actors; prompts are split across them, weights broadcast."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, recovery: RecoveryConfig | None = None):
+    def __init__(self, model_path: str, cfg: RolloutConfig, seed: int = 0, recovery: RecoveryConfig | None = None,
+                 bundles=None):
         self.cfg, self.model_path, self.seed = cfg, model_path, seed
+        self.bundles = bundles  # colocated: actor i in the run's shared bundle i (services/backends/placement.py)
         self.recovery = recovery or RecoveryConfig()
         self.version, self._weights = 0, None  # what a restarted actor is re-synced to
         self.restarts = 0  # actors revived in place (restarted by Ray, re-synced)
@@ -51,8 +53,9 @@ class RolloutPool:
         import ray
 
         # Ray restarts a crashed actor; its calls are not retried by Ray (the pool re-syncs first)
+        where = rollout_resources(self.cfg) if self.bundles is None else self.bundles.rollout_options(i)
         return ray.remote(RolloutService).options(
-            max_restarts=max(1, self.recovery.max_recoveries), max_task_retries=0, **rollout_resources(self.cfg),
+            max_restarts=max(1, self.recovery.max_recoveries), max_task_retries=0, **where,
         ).remote(self.model_path, self.cfg, self.seed + i, self.cfg.torch_threads or max(1, int(self.cfg.cpus_per_actor)))
 
     def generate_many(self, requests: Sequence[SamplingRequest], seed: int | None = None) -> RolloutResult:

@@ -62,6 +62,7 @@ def engine_options(cfg: RolloutConfig) -> dict[str, Any]:
         "gpu_memory_utilization": cfg.gpu_memory_utilization,
         "max_model_len": cfg.max_model_len,
         "enforce_eager": cfg.enforce_eager,
+        "sleep_mode": cfg.placement == "colocated",
     }
 
 
@@ -76,6 +77,9 @@ class RolloutService:
         self.cfg = cfg or RolloutConfig()
         self.engine = make_engine(self.cfg.engine, model_path, seed=seed, **engine_options(self.cfg))
         self.version = 0
+        # colocated with a learner rank (rollout.placement): sleep after generating, wake before the
+        # next weights or generation, so the device is the learner's while it trains
+        self.sleeps = self.cfg.placement == "colocated"
 
     def set_threads(self, threads: int) -> int:
         """Torch threads for generation from now on (e.g. more once a run sharing the cores ends)."""
@@ -120,7 +124,12 @@ class RolloutService:
                 )
                 owners.append((r_idx, pid))
         t0 = time.perf_counter()
-        outputs = self.engine.generate(engine_reqs)
+        self.engine.wake_up()
+        try:
+            outputs = self.engine.generate(engine_reqs)
+        finally:
+            if self.sleeps:
+                self.engine.sleep()
         gen_s = time.perf_counter() - t0
         samples: list[list[Sample]] = [[] for _ in requests]
         for ereq, (r_idx, pid), outs in zip(engine_reqs, owners, outputs):
@@ -145,6 +154,7 @@ class RolloutService:
         from services.backends.wire import from_wire
 
         t0 = time.perf_counter()
+        self.engine.wake_up()  # weights are written into an awake engine (level 1 keeps a host copy)
         self.engine.load_weights(from_wire(weights))
         self.version = int(version)
         return {"sync_s": time.perf_counter() - t0, "policy_version": float(self.version)}

@@ -56,6 +56,15 @@ class Engine(Protocol):
         """Release the engine's processes and memory."""
         ...
 
+    def sleep(self) -> None:
+        """Give the device memory back while the learners train (colocated placement); `wake_up`
+        restores the engine exactly as it was."""
+        ...
+
+    def wake_up(self) -> None:
+        """Undo `sleep` (a no-op when awake)."""
+        ...
+
 
 def make_engine(kind: str, model_path: str, *, seed: int = 0, **options) -> Engine:
     """Build the adapter named by `RolloutConfig.engine` ('hf' | 'vllm' | 'vllm-cpu')."""

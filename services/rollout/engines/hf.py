@@ -254,6 +254,16 @@ class HFEngine:
         if missing or unexpected:
             raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
+    def sleep(self) -> None:
+        """On a GPU, move the weights to host memory (the learners need the device); on CPU nothing."""
+        if self.device != "cpu" and self.model is not None:
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if self.device != "cpu" and self.model is not None:
+            self.model.to(self.device)
+
     def close(self) -> None:
         """Drop the model (frees GPU memory when on CUDA)."""
         self.model = None

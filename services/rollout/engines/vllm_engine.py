@@ -74,6 +74,7 @@ class VLLMEngine:
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
         weights_dir: str | None = None,
+        sleep_mode: bool = False,
     ):
         from vllm import LLM
 
@@ -85,6 +86,9 @@ class VLLMEngine:
         self.weights_dir = weights_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self._calls = 0
         on_cpu = self.on_cpu = name == "vllm-cpu"
+        # colocated with a learner on one GPU: level-1 sleep between generations (not on CPU, where
+        # vLLM has no sleep mode and host memory is what both roles share anyway)
+        self.sleep_mode, self.asleep = sleep_mode and not on_cpu, False
         self.llm = LLM(
             model=model_path,
             skip_tokenizer_init=True,
@@ -95,7 +99,19 @@ class VLLMEngine:
             # graph capture / compilation buys nothing for a tiny model on CPU and costs start-up
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             generation_config="vllm",
+            **({"enable_sleep_mode": True} if self.sleep_mode else {}),
         )
+
+    def sleep(self) -> None:
+        """Level 1: the weights are copied to host memory and the KV cache freed (vLLM's sleep mode)."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(self, requests: Sequence[EngineRequest]) -> list[list[EngineOutput]]:
         """One `LLM.generate` call for every request: per-request temperature, n samples each."""

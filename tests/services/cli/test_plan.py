@@ -24,11 +24,33 @@ def run(capsys, *argv) -> tuple[int, str]:
 
 
 def test_the_gpu_recipe_on_8_gpus_is_refused_with_the_16_gpu_message(capsys):
-    rc, out = run(capsys, RECIPE, "--gpus", "8", "--gpu-memory-gib", "80")
+    # the recipe as it was: split placement, 4 rows per micro-batch, no gradient checkpointing
+    old = ("rollout.placement=split", "rollout.gpu_memory_utilization=0.6", "learner.micro_batch_size=4",
+           "learner.gradient_checkpointing=false")
+    rc, out = run(capsys, RECIPE, *old, "--gpus", "8", "--gpu-memory-gib", "80")
     assert rc == 1
     assert SIXTEEN in out
-    assert "verdict: REFUSED" in out
+    assert "verdict: REFUSED" in out and "refused: learner needs 173.6 GiB per GPU" in out
     assert "rows:    prompt 1024 + response 3072 = 4096 tokens: L = 4096" in out and "rollout: prompt" not in out
+
+
+def test_the_fixed_recipes_fit_colocated_on_one_8_gpu_node_and_split_on_two(capsys):
+    rc, out = run(capsys, RECIPE, "--gpus", "8", "--gpu-memory-gib", "80", "--cpus", "96", "--memory-gib", "1024")
+    assert rc == 0 and "verdict: fits" in out, out
+    assert "8 CPU, 8 GPU" in next(line for line in out.splitlines() if line.startswith("learner"))
+    split = RECIPE.replace(".yaml", "_split.yaml")
+    rc, out = run(capsys, split, "--gpus", "8", "--gpu-memory-gib", "80")
+    assert rc == 1 and SIXTEEN in out
+    rc, out = run(capsys, split, "--nodes", "2", "--gpus", "8", "--gpu-memory-gib", "80", "--cpus", "96",
+                  "--memory-gib", "1024")
+    assert rc == 0 and "verdict: fits" in out, out
+
+
+def test_a_colocated_engine_must_leave_room_for_its_learner_ranks_resting_state(capsys):
+    rc, out = run(capsys, RECIPE, "rollout.gpu_memory_utilization=0.9", "--gpus", "8", "--gpu-memory-gib", "80")
+    assert rc == 1
+    assert ("refused: colocated: the vLLM engine reserves 72.0 GiB (0.9 x 80.0 GiB) beside its learner rank's resting "
+            "16.2 GiB (16 P / N + CUDA contexts): lower rollout.gpu_memory_utilization to 0.80 or less") in out
 
 
 def test_responses_that_do_not_fit_the_models_positions_are_refused_as_the_run_refuses_them(capsys):
@@ -140,7 +162,7 @@ def test_a_7b_learner_on_one_24_gib_gpu_is_refused_out_of_memory(capsys):
 
 
 def test_json_output(capsys):
-    rc, out = run(capsys, RECIPE, "--gpus", "8", "--gpu-memory-gib", "80", "--json")
+    rc, out = run(capsys, RECIPE, "rollout.placement=split", "--gpus", "8", "--gpu-memory-gib", "80", "--json")
     assert rc == 1
     plan = json.loads(out)
     assert plan["fits"] is False and SIXTEEN in plan["refusals"]
