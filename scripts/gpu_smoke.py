@@ -16,8 +16,10 @@ goes to stderr):
   learner_update  per shape: the project's learner (`LearnerWorker.update`: FSDP2 on one rank, bf16
                   compute, fp32 master weights, exact entropy, GRPO loss, AdamW) on the same tokens,
                   in micro-batches of --micro-batch rows (default 1: 1.5B's update fits 80 GB).
-  weight_sync     per shape: the learner's gather of the full weights (`full_state_dict_wire`, as the
-                  Ray path ships them) + the HF engine's `load_weights` of them onto the GPU.
+  weight_sync     per shape: the learner's gather of the full float32 weights (`full_state_dict_wire`)
+                  + the HF engine's `load_weights` of them onto the GPU, and the bucketed sync the
+                  Ray path runs (`export_weights` in sync_dtype auto, bf16 on a GPU, +
+                  `load_weight_buckets`), without the object store between them.
   done            the whole smoke's wall time.
 
 MFU = 6 x parameters x tokens/s / peak bf16 FLOP/s (the attention's own FLOPs are left out of the
@@ -39,33 +41,21 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the repository's code is what is smoke-tested, installed or not
     sys.path.insert(0, str(ROOT))
+
+from services.model.plan_memory import PRESETS, ModelShape  # noqa: E402 - after the path fix
 CONFIG = ROOT / "deploy" / "configs" / "gpu_smoke.yaml"
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A Qwen2 decoder's shape (tied embeddings, as the small Qwen2.5 models)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    vocab: int
-
-
-# The published config.json shapes of Qwen2.5-0.5B and Qwen2.5-1.5B.
-SHAPES = {
-    "qwen2.5-0.5b": Shape(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936),
-    "qwen2.5-1.5b": Shape(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936),
-}
-CPU_SHAPES = {"tiny-qwen2": Shape(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512)}
+# The published config.json shapes of Qwen2.5-0.5B and Qwen2.5-1.5B: `aepo plan`'s presets, one table.
+SHAPES = {name: PRESETS[name] for name in ("qwen2.5-0.5b", "qwen2.5-1.5b")}
+CPU_SHAPES = {"tiny-qwen2": ModelShape("tiny-qwen2", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128,
+                                       vocab=512, tied=True, max_positions=4096)}
+SHAPE_FIELDS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name(), most specific first.
 PEAK_BF16 = (("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12))
 # The RL run at tiny shapes on CPU (--cpu-check): same config, same code path.
@@ -112,7 +102,7 @@ def peak_flops(device_name: str, override_tflops: float | None) -> tuple[float |
     return None, f"unknown for {device_name!r}: pass --peak-tflops"
 
 
-def mfu_fields(params: int, shape: Shape, seq_len: int, tokens_per_s: float, peak: float | None) -> dict:
+def mfu_fields(params: int, shape: ModelShape, seq_len: int, tokens_per_s: float, peak: float | None) -> dict:
     """MFU by the 6 P rule, and with the attention's 12 L h s FLOPs per token added."""
     attn = 12 * shape.layers * shape.hidden * seq_len
     if not peak:
@@ -222,7 +212,7 @@ def rl_row(out: Path, wall: float, gpu_procs: int | None) -> dict:
 # ----------------------------------------------------------------------------- one shape
 
 
-def qwen_config(shape: Shape, tokenizer):
+def qwen_config(shape: ModelShape, tokenizer):
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -245,7 +235,7 @@ def timed(fn, device: str, warmup: int, iters: int) -> float:
     return time.perf_counter() - t0
 
 
-def measure_fwd_bwd(name: str, shape: Shape, args: argparse.Namespace, model, params: int) -> dict:
+def measure_fwd_bwd(name: str, shape: ModelShape, args: argparse.Namespace, model, params: int) -> dict:
     """Forward + backward (next-token loss) of the random Qwen2 model, bf16 on GPU, on rows x seq_len tokens."""
     import torch
 
@@ -262,7 +252,7 @@ def measure_fwd_bwd(name: str, shape: Shape, args: argparse.Namespace, model, pa
     finally:
         model.zero_grad(set_to_none=True)
     tps = args.rows * args.seq_len * args.iters / seconds
-    return {"measure": "fwd_bwd", "shape": name, **asdict(shape), "params": params, "dtype": str(dtype).split(".")[-1],
+    return {"measure": "fwd_bwd", "shape": name, **{k: getattr(shape, k) for k in SHAPE_FIELDS}, "params": params, "dtype": str(dtype).split(".")[-1],
             "attention": getattr(model.config, "_attn_implementation", None), "rows": args.rows,
             "seq_len": args.seq_len, "iters": args.iters, "seconds": round(seconds, 4), "tokens_per_s": round(tps, 1),
             **mfu_fields(params, shape, args.seq_len, tps, args.peak)}
@@ -307,7 +297,7 @@ def start_learner(path: Path, args: argparse.Namespace):
     return worker
 
 
-def measure_learner(name: str, shape: Shape, args: argparse.Namespace, worker, params: int) -> dict:
+def measure_learner(name: str, shape: ModelShape, args: argparse.Namespace, worker, params: int) -> dict:
     """`LearnerWorker.update` (the RL step's learner work) on rows x seq_len tokens."""
     batch = synthetic_batch(args, shape.vocab)
     stats: list[dict] = []
@@ -321,13 +311,17 @@ def measure_learner(name: str, shape: Shape, args: argparse.Namespace, worker, p
 
 
 def measure_sync(name: str, args: argparse.Namespace, worker, path: Path) -> dict:
-    """The learner's gather (`full_state_dict_wire`: unsharded, on CPU, as numpy for Ray) + the HF
-    engine's `load_weights` onto its device, as one RL step's weight sync minus the object store."""
+    """Two ways of one RL step's weight sync minus the object store, onto the HF engine on the
+    device: the float32 full dict (`full_state_dict_wire`, the way before) + `load_weights`, and the
+    bucketed export in `learner.sync_dtype` auto (bf16 on a GPU) + `load_weight_buckets`."""
+    from services.backends.weight_buckets import iter_bucket_tensors
     from services.backends.wire import from_wire
+    from services.learner.sync import local_buckets
     from services.rollout.engines.hf import HFEngine
 
     engine = HFEngine(str(path), device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
-    gathers, loads, nbytes = [], [], 0
+    times: dict[str, list] = {"gather_s": [], "load_s": [], "buckets_export_s": [], "buckets_load_s": []}
+    nbytes = bucket_bytes = 0
     for i in range(args.warmup + args.iters):
         t0 = time.perf_counter()
         wire = worker.full_state_dict_wire()
@@ -336,15 +330,24 @@ def measure_sync(name: str, args: argparse.Namespace, worker, path: Path) -> dic
         sync(args.device)
         t2 = time.perf_counter()
         nbytes = sum(int(v.nbytes) for v in wire.values())
-        if i >= args.warmup:
-            gathers.append(t1 - t0)
-            loads.append(t2 - t1)
         del wire
+        handle = local_buckets(worker.export_weights())
+        t3 = time.perf_counter()
+        engine.load_weight_buckets(iter_bucket_tensors(handle))
+        sync(args.device)
+        t4 = time.perf_counter()
+        bucket_bytes, dtype = handle.nbytes, handle.manifest["dtype"]
+        del handle
+        if i >= args.warmup:
+            for key, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[key].append(v)
     engine.close()
-    gather, load = statistics.median(gathers), statistics.median(loads)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total = med["gather_s"] + med["load_s"]
     return {"measure": "weight_sync", "shape": name, "engine": "hf", "engine_device": str(engine.device),
-            "bytes": nbytes, "gather_s": round(gather, 4), "load_s": round(load, 4), "total_s": round(gather + load, 4),
-            "gb_per_s": round(nbytes / 1e9 / max(gather + load, 1e-9), 2), "iters": args.iters}
+            "bytes": nbytes, **{k: round(v, 4) for k, v in med.items()}, "total_s": round(total, 4),
+            "gb_per_s": round(nbytes / 1e9 / max(total, 1e-9), 2), "buckets_dtype": dtype, "buckets_bytes": bucket_bytes,
+            "buckets_total_s": round(med["buckets_export_s"] + med["buckets_load_s"], 4), "iters": args.iters}
 
 
 def guarded(measure: str, name: str, args: argparse.Namespace, fn) -> dict:
@@ -365,7 +368,7 @@ def guarded(measure: str, name: str, args: argparse.Namespace, fn) -> dict:
     return row
 
 
-def measure_shape(name: str, shape: Shape, args: argparse.Namespace, tokenizer, deadline: Deadline) -> None:
+def measure_shape(name: str, shape: ModelShape, args: argparse.Namespace, tokenizer, deadline: Deadline) -> None:
     """fwd_bwd, learner_update and weight_sync of one shape; frees the device after each."""
     deadline.require(f"{name}", 20 if args.cpu_check else 90)
     log(f"{name}: building the model")

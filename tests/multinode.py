@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 NODES = {"head": 1, "learners": 2, "rollout": 1}  # name -> CPUs; the node declares resource f"{name}_node"
-ROLE_OF = {"LearnerWorker": "learner", "RolloutService": "rollout", "EntropyControllerActor": "controller"}
+ROLE_OF = {"LearnerWorker": "learner", "RolloutService": "rollout", "EntropyControllerActor": "controller",
+           "ServeReplica:aepo-reward:RewardServer": "reward"}  # Serve names a replica's class ServeReplica:<app>:<deployment>
 
 
 def config(out: Path) -> dict:
@@ -71,11 +72,10 @@ def placements() -> dict[str, list[str]]:
     from ray._private.state import actors
 
     node_name = {n["NodeID"]: next((k[:-5] for k in n["Resources"] if k.endswith("_node")), "?") for n in ray.nodes()}
-    out: dict[str, set[str]] = {"classes": set()}
+    out: dict[str, set[str]] = {}
     for a in actors().values():
-        out["classes"].add(a.get("ActorClassName") or "")
         cls = a.get("ActorClassName") or ""
-        role = ROLE_OF.get(cls) or ("reward" if "RewardDeployment" in cls else None)
+        role = ROLE_OF.get(cls)
         if role:
             out.setdefault(role, set()).add(node_name.get(a["Address"]["NodeID"], "?"))
     return {k: sorted(v) for k, v in out.items()}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from services.experiments.report.figures import fig_decomposition, fig_pass_at_k
 from services.experiments.report.runs import final_accuracy, fmt, label, load_run, pass_at, tail_mean
+from services.experiments.report.write import _run_config, section_claims, section_runs
 from services.experiments.report.tracking import (DEFINITIONS, HELD_REL, MARGIN_PASS, SETTLE_REL, SIGNALS, base_value,
                                                   fig_tracking, overshoot, settling_step, split_at_end, split_at_start,
                                                   tracking_error, verdict_aepo_moves_content, verdict_aepo_vs_bonus,
@@ -70,7 +71,7 @@ def write_report(spec, jobs, root: Path, wall_seconds: float | None = None, spec
         body, found = section(d)
         lines += body
         verdicts += found
-    lines += _claims(d, verdicts) + _runs(d)
+    lines += _claims(d, verdicts) + section_runs(d)  # Data has the runs and root section_runs reads
     (root / "report.md").write_text("\n".join(lines) + "\n")
     (root / "verdicts.json").write_text(json.dumps([{"claim": c, "verdict": v, "numbers": n} for c, v, n in verdicts],
                                                    indent=2) + "\n")
@@ -78,8 +79,7 @@ def write_report(spec, jobs, root: Path, wall_seconds: float | None = None, spec
 
 
 def _wall(run: dict) -> float:
-    p = run["dir"] / "run_config.json"
-    return json.loads(p.read_text()).get("wall_seconds", 0.0) if p.exists() else 0.0
+    return (_run_config(run) or {}).get("wall_seconds", 0.0)
 
 
 def _header(d: Data, wall_seconds: float | None, spec_path: str | None, ran: int) -> list[str]:
@@ -263,19 +263,7 @@ def _claims(d: Data, verdicts: list) -> list[str]:
           for name, by in grid.items()}
     if at:
         verdicts.insert(0, verdict_content_vs_mean(at))
-    out = ["## 5. Verdicts\n", "| claim | verdict | numbers |", "|---|---|---|"]
-    out += [f"| {c} | **{v}** | {n} |" for c, v, n in verdicts]
-    return out + [""]
-
-
-def _runs(d: Data) -> list[str]:
-    out = ["## Runs\n", "| run | group | target | seed | steps | wall s | directory |", "|---|---|---|---|---|---|---|"]
-    for r in d.runs:
-        j = r["job"]
-        where = r["dir"].relative_to(d.root) if r["dir"].is_relative_to(d.root) else r["dir"]
-        out.append(f"| {j.name} | {j.group.name} | {'' if j.target is None else f'{j.target:g}'} | {j.seed} | "
-                   f"{r['summary'].get('steps', 0)} | {_wall(r) or ''} | `{where}` |")
-    return out
+    return ["## 5. Verdicts\n"] + section_claims(verdicts)[1:]
 
 
 def _f(x: float | None) -> str:
