@@ -151,6 +151,7 @@ def _headline(d: Data) -> tuple[list[str], list]:
                        + f" | {fmt(tail_mean(r['rows'], 'entropy') for r in runs if r['rows'])} |")
             series.append(("base" if not runs[0]["rows"] else label(group), runs))
         out.append("")
+        out += _acted_like_grpo(d, toy, groups)
         out += _base_vs_grpo(d, toy, groups)
         fig_pass_at_k(series, [k for k in (1, 2, 4, 8, 16, 32, 64) if k <= d.spec.final_eval_samples],
                       d.root / f"fig_pass_at_k_{toy}.png")
@@ -159,6 +160,19 @@ def _headline(d: Data) -> tuple[list[str], list]:
     if not verdict_runs:
         return [], []
     return out, [verdict_aepo_vs_bonus(verdict_runs)]
+
+
+def _acted_like_grpo(d: Data, toy: str, groups: dict[str, list[dict]]) -> list[str]:
+    """A controlled row whose every seed equals GRPO's run of that seed, step for step: at its
+    target the controller never changed the update (a one-sided rule above its target)."""
+    grpo = {r["job"].seed: r for r in d.grpo(toy)}
+    out = []
+    for runs in groups.values():
+        cfg = runs[0]["job"].config
+        if cfg["algorithm"].get("target") and all(r["job"].seed in grpo and _same(r, grpo[r["job"].seed]) for r in runs):
+            out.append(f"- {label(runs[0]['job'].group)} ({_setting(runs[0])}): every seed's entropy series and final "
+                       "eval equal GRPO's; the controller never changed the update at this target.")
+    return out + ([""] if out else [])
 
 
 def _base_vs_grpo(d: Data, toy: str, groups: dict[str, list[dict]]) -> list[str]:
