@@ -81,10 +81,10 @@ def exercise() -> dict:
         """One rank of the two-actor gloo group."""
 
         def address(self):
-            from services.backends.network import free_port
+            from services.backends.network import rendezvous_port
 
             ip = ray.util.get_node_ip_address()
-            return ip, free_port(ip)
+            return ip, rendezvous_port(ip)
 
         def all_reduce(self, rank: int, master: str, port: int) -> float:
             import torch

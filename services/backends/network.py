@@ -42,6 +42,7 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -252,21 +253,39 @@ def descendants(root: int) -> set[int]:
 # ----------------------------------------------------------------------------- process groups
 
 
+def store_path(master_addr: str, master_port: int) -> str:
+    """Where the ranks of a group whose master is a loopback address rendezvous (`join_process_group`)."""
+    return os.path.join(tempfile.gettempdir(), f"aepo-store-{master_addr}-{master_port}")
+
+
+def rendezvous_port(host: str) -> int:
+    """A free port on `host` for a new process group's rendezvous, with any store file a killed group
+    left under that port removed (call it before any rank joins: a rank may open the file at once)."""
+    port = free_port(host)
+    _clear_store(host, port)
+    return port
+
+
 def join_process_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
                        timeout_s: float = 1800.0) -> None:
-    """`torch.distributed.init_process_group` through a store that listens on `master_addr` only.
+    """`torch.distributed.init_process_group` through a store that stays on `master_addr`.
 
-    torch's own TCPStore server (what `env://` and `tcp://` create on rank 0) listens on every
-    interface (`[::]`). Rank 0 here binds the listening socket itself and hands it to the store
-    (`master_listen_fd`), so a local cluster's rendezvous stays on 127.0.0.1, and a real cluster's
-    on the node address the other ranks dial.
+    A loopback master (every rank on this machine) rendezvouses through a file, `store_path`: torch's
+    TCPStore client formats the address it dials with `getnameinfo`, and for 127.0.0.1, dialled as
+    `::ffff:127.0.0.1`, /etc/hosts has no answer, so every rank sent a reverse DNS query off the
+    machine. Pick the port with `rendezvous_port`. Otherwise torch's own TCPStore server (what
+    `env://` and `tcp://` create on rank 0) would listen on every interface (`[::]`): rank 0 binds
+    the listening socket itself and hands it to the store (`master_listen_fd`), so the rendezvous
+    stays on the node address the other ranks dial.
     """
     import datetime
 
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    if rank == 0:
+    if is_loopback(master_addr):
+        store = dist.FileStore(store_path(master_addr, master_port), world_size)
+    elif rank == 0:
         family = socket.AF_INET6 if ":" in master_addr else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -280,6 +299,13 @@ def join_process_group(backend: str, master_addr: str, master_port: int, rank: i
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
+def _clear_store(host: str, port: int) -> None:
+    """Remove a store file a killed group left under (host, port): Ray Train picks the port itself."""
+    if is_loopback(host):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(store_path(host, port))
+
+
 def ray_train_torch_config(backend: str = "gloo", timeout_s: int = 1800):
     """A Ray Train `TorchConfig` whose process group comes from `join_process_group`."""
     from ray.train.torch import TorchConfig
@@ -291,6 +317,7 @@ def ray_train_torch_config(backend: str = "gloo", timeout_s: int = 1800):
             from ray.train._internal.utils import get_address_and_port
 
             addr, port = worker_group.execute_single(0, get_address_and_port)
+            worker_group.execute_single(0, _clear_store, addr, port)  # before any rank opens it
             if not isinstance(worker_group, V1WorkerGroup):  # as Ray's own backend does
                 worker_group.execute(_set_torch_distributed_env_vars)  # LOCAL_RANK and friends
             n = len(worker_group)

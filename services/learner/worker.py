@@ -21,7 +21,7 @@ import torch.distributed as dist
 from controller.client import ControllerClient, publish_entropy
 from services import algorithm as alg
 from services.config import AlgorithmConfig, LearnerConfig
-from services.backends.network import free_port
+from services.backends.network import rendezvous_port
 from services.learner.batch import TrainBatch, length_order, micro_batches
 from services.learner.fsdp import (build_fsdp_model, has_dropout, hold_full_params, load_rank_state, load_sharded, make_adamw,
                                    optimizer_step, reshard, save_rank_state, save_sharded, sync_on_last, token_ids)
@@ -70,7 +70,7 @@ class LearnerWorker:
         import ray
 
         node_ip = ray.util.get_node_ip_address()
-        return node_ip, free_port(node_ip)
+        return node_ip, rendezvous_port(node_ip)
 
     def pid(self) -> int:  # the chaos run kills it
         return os.getpid()
