@@ -197,9 +197,9 @@ def fig_tracking(grid: dict[str, dict[str, list[dict]]], grpo: list[dict], path:
 
 
 def _relative_series(run: dict, source: str) -> tuple[list[int], list[float]]:
-    key = {"exact": ("entropy", None), "content": ("token_entropy", "content"), "forking": ("token_entropy", "forking")}
-    field, sub = key[source]
-    vals = [(r["step"], r.get(field) if sub is None else (r.get(field) or {}).get(sub)) for r in run["rows"]]
+    from controller.client import read_source  # a row holds the learners' stats under the same keys
+
+    vals = [(r["step"], read_source(r, source)) for r in run["rows"]]
     vals = [(s, v) for s, v in vals if v is not None]
     if not vals or not vals[0][1]:
         return [], []
