@@ -98,6 +98,7 @@ def bench_learner(model_path: str, cfg, rows: list, reps: int) -> None:
         "plain forward, rows in order": (f32, False, lcfg.model_copy(update={"sort_by_length": False})),
         "plain forward, sorted by length": (f32, False, lcfg.model_copy(update={"sort_by_length": True})),
         "each prompt once, float32": (f32, True, lcfg),
+        "each prompt once, plain head": (f32, True, lcfg.model_copy(update={"chunked_head": False})),
         "each prompt once, bf16 layers": (bf16, True, bcfg),
     }
     times: dict[str, list[float]] = {k: [] for k in modes}
@@ -217,7 +218,8 @@ def bench_ray_sync(model_path: str, cfg, reps: int) -> None:
         ray.wait(refs[:1])
         return refs[0]
 
-    ways = {"before: tensors pickled": pickled_ref, "now: numpy arrays": group.state_dict_ref}
+    ways = {"before: tensors pickled": pickled_ref, "before: numpy arrays": group.state_dict_ref,
+            "now: bucket refs": group.weight_buckets}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in ways}
     version = 0
     try:

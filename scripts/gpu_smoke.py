@@ -16,8 +16,10 @@ goes to stderr):
   learner_update  per shape: the project's learner (`LearnerWorker.update`: FSDP2 on one rank, bf16
                   compute, fp32 master weights, exact entropy, GRPO loss, AdamW) on the same tokens,
                   in micro-batches of --micro-batch rows (default 1: 1.5B's update fits 80 GB).
-  weight_sync     per shape: the learner's gather of the full weights (`full_state_dict_wire`, as the
-                  Ray path ships them) + the HF engine's `load_weights` of them onto the GPU.
+  weight_sync     per shape: the learner's gather of the full float32 weights (`full_state_dict_wire`)
+                  + the HF engine's `load_weights` of them onto the GPU, and the bucketed sync the
+                  Ray path runs (`export_weights` in sync_dtype auto, bf16 on a GPU, +
+                  `load_weight_buckets`), without the object store between them.
   done            the whole smoke's wall time.
 
 MFU = 6 x parameters x tokens/s / peak bf16 FLOP/s (the attention's own FLOPs are left out of the
@@ -309,13 +311,17 @@ def measure_learner(name: str, shape: ModelShape, args: argparse.Namespace, work
 
 
 def measure_sync(name: str, args: argparse.Namespace, worker, path: Path) -> dict:
-    """The learner's gather (`full_state_dict_wire`: unsharded, on CPU, as numpy for Ray) + the HF
-    engine's `load_weights` onto its device, as one RL step's weight sync minus the object store."""
+    """Two ways of one RL step's weight sync minus the object store, onto the HF engine on the
+    device: the float32 full dict (`full_state_dict_wire`, the way before) + `load_weights`, and the
+    bucketed export in `learner.sync_dtype` auto (bf16 on a GPU) + `load_weight_buckets`."""
+    from services.backends.weight_buckets import iter_bucket_tensors
     from services.backends.wire import from_wire
+    from services.learner.sync import local_buckets
     from services.rollout.engines.hf import HFEngine
 
     engine = HFEngine(str(path), device=args.device, dtype="bfloat16" if args.device == "cuda" else "float32")
-    gathers, loads, nbytes = [], [], 0
+    times: dict[str, list] = {"gather_s": [], "load_s": [], "buckets_export_s": [], "buckets_load_s": []}
+    nbytes = bucket_bytes = 0
     for i in range(args.warmup + args.iters):
         t0 = time.perf_counter()
         wire = worker.full_state_dict_wire()
@@ -324,15 +330,24 @@ def measure_sync(name: str, args: argparse.Namespace, worker, path: Path) -> dic
         sync(args.device)
         t2 = time.perf_counter()
         nbytes = sum(int(v.nbytes) for v in wire.values())
-        if i >= args.warmup:
-            gathers.append(t1 - t0)
-            loads.append(t2 - t1)
         del wire
+        handle = local_buckets(worker.export_weights())
+        t3 = time.perf_counter()
+        engine.load_weight_buckets(iter_bucket_tensors(handle))
+        sync(args.device)
+        t4 = time.perf_counter()
+        bucket_bytes, dtype = handle.nbytes, handle.manifest["dtype"]
+        del handle
+        if i >= args.warmup:
+            for key, v in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                times[key].append(v)
     engine.close()
-    gather, load = statistics.median(gathers), statistics.median(loads)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    total = med["gather_s"] + med["load_s"]
     return {"measure": "weight_sync", "shape": name, "engine": "hf", "engine_device": str(engine.device),
-            "bytes": nbytes, "gather_s": round(gather, 4), "load_s": round(load, 4), "total_s": round(gather + load, 4),
-            "gb_per_s": round(nbytes / 1e9 / max(gather + load, 1e-9), 2), "iters": args.iters}
+            "bytes": nbytes, **{k: round(v, 4) for k, v in med.items()}, "total_s": round(total, 4),
+            "gb_per_s": round(nbytes / 1e9 / max(total, 1e-9), 2), "buckets_dtype": dtype, "buckets_bytes": bucket_bytes,
+            "buckets_total_s": round(med["buckets_export_s"] + med["buckets_load_s"], 4), "iters": args.iters}
 
 
 def guarded(measure: str, name: str, args: argparse.Namespace, fn) -> dict:

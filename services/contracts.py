@@ -85,8 +85,9 @@ class LearnerBackend(Protocol):
         """One policy update; publishes the step's entropy to the controller; returns stats.
         `levers`: a rival controller's decision for the step, applied to the loss."""
 
-    def full_weights(self) -> dict:
-        """The full weights in the form the rollout backend's `load_weights` takes (an ObjectRef on Ray)."""
+    def full_weights(self) -> Any:
+        """The full weights in the form the rollout backend's `load_weights` takes: a `BucketedWeights`
+        (services/backends/weight_buckets.py; on Ray its buckets are ObjectRefs the driver never resolves)."""
 
     def state_dict(self) -> dict:
         """The full weights as tensors in this process (HF names): what an export writes."""

@@ -72,8 +72,10 @@ class LocalLearner:
         (shard,) = shard_for_ranks(batch, 1, self.worker.cfg)
         return self.worker.update(shard, step=step, controller=self.controller, levers=levers)
 
-    def full_weights(self) -> dict:
-        return self.worker.full_state_dict()
+    def full_weights(self):
+        from services.learner.sync import local_buckets
+
+        return local_buckets(self.worker.export_weights())  # the same buckets, in the sync dtype, in memory
 
     def state_dict(self) -> dict:
         return self.worker.full_state_dict()

@@ -143,7 +143,7 @@ class LearnerAdapter:
         return self.group.update(batch, step=step, controller=self.controller, levers=levers)
 
     def full_weights(self):
-        return self.group.state_dict_ref()  # an ObjectRef: gathered once, shipped by the object store
+        return self.group.weight_buckets()  # bucket refs: written to the object store by rank 0, never fetched here
 
     def state_dict(self) -> dict:
         return self.group.get_full_state_dict()

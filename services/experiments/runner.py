@@ -142,7 +142,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 # computes (each speed switch has a test that the update or the samples are the same either way):
 # left out of the digest, so that adding or flipping one does not orphan finished runs.
 SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sort_by_length", "share_prefix", "hold_full_params",
-                          "resources"),
+                          "resources", "chunked_head"),
               "trainer": ("export_policy", "loggers", "save_every_seconds"),
               # where a role's actors run and where a hub model is cached: not what they compute
               "rollout": ("resources",), "reward": ("resources",), "controller": ("resources",), "model": ("cache_dir",)}
@@ -153,7 +153,10 @@ SPEED_ONLY_SECTIONS = ("recovery",)
 # reproduces the earlier behaviour they are left out of the digest too (so those runs keep their
 # names); at any other value they name a different run.
 LEGACY_DEFAULTS = {
-    "learner": {"cpu_compute": "float32"}, "warm_start": {"cpu_compute": "float32"},
+    # sync_dtype auto sends the weights in the dtype the engines compute in: float32 on CPU, as before;
+    # a token budget regroups micro-batches, which changes clip_cov's and kl_cov's per-micro-batch picks
+    "learner": {"cpu_compute": "float32", "sync_dtype": "auto", "max_tokens_per_micro_batch": None},
+    "warm_start": {"cpu_compute": "float32"},
     "model": {"builtin": "tiny", "system_prompt": None, "small_llm": SmallLLMConfig().model_dump(mode="json"),
               "revision": None},
     # a bound the context check enforces (None checks the prompts themselves); where the engines run

@@ -86,9 +86,35 @@ class TrainBatch:
         return TrainBatch(*(torch.cat([getattr(self, f.name), getattr(pad, f.name)]) for f in fields(self)))
 
 
-def micro_batches(batch: TrainBatch, size: int) -> list[TrainBatch]:
-    """Consecutive slices of `size` rows (the last one shorter)."""
-    return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
+def micro_batches(batch: TrainBatch, size: int, max_tokens: int | None = None) -> list[TrainBatch]:
+    """Consecutive slices of `size` rows (the last one shorter); with `max_tokens`, of as many rows
+    as keep rows x the slice's longest row within it (`token_budget_bounds`), whatever `size`."""
+    if max_tokens is None:
+        return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
+    b = token_budget_bounds(batch.attention_mask.sum(1).tolist(), max_tokens)
+    return [batch.select(slice(b[k], b[k + 1])) for k in range(len(b) - 1)]
+
+
+def token_budget_bounds(lengths: list[int], max_tokens: int) -> list[int]:
+    """Where each micro-batch starts (and the end), cutting the rows in their order: a micro-batch
+    takes the next row while (its rows + 1) x its longest row, the padded tokens of its forward,
+    stays within `max_tokens`. A row longer than the budget runs alone."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    bounds, longest = [0], 0
+    for i, n in enumerate(lengths):
+        if i > bounds[-1] and (i - bounds[-1] + 1) * max(longest, n) > max_tokens:
+            bounds.append(i)
+            longest = 0
+        longest = max(longest, n)
+    return bounds + [len(lengths)] if lengths else bounds
+
+
+def inert_micro_batch(batch: TrainBatch) -> TrainBatch:
+    """One row that adds nothing (the batch's shortest, with no response tokens and advantage 0):
+    what a rank with fewer micro-batches than its peers runs, so FSDP's collectives pair up."""
+    shortest = int(torch.argmin(batch.attention_mask.sum(1)))
+    return batch.select(slice(shortest, shortest + 1)).padded_to(2).select(slice(1, 2))
 
 
 def mini_batch_bounds(rows: int, mini_batches: int) -> list[int]:

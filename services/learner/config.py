@@ -41,7 +41,24 @@ class LearnerConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0.0, description="Global grad-norm clip.")
     micro_batch_size: int = Field(64, ge=1, description="Sequences per forward/backward on one worker.")
     mini_batches: int = Field(1, ge=1, description="Optimizer steps per RL step (the batch is split into this many).")
-    entropy_chunk_size: int = Field(4096, ge=1, description="Rows per chunk in the exact-entropy computation.")
+    entropy_chunk_size: int = Field(
+        4096, ge=1, description="Positions per chunk of the exact-entropy computation, and of the LM head with chunked_head "
+        "(one chunk's logits are V x 4 bytes a position: 0.6 MB for Qwen2.5's 151,936 tokens, so 1024 holds 0.6 GB each)."
+    )
+    chunked_head: bool = Field(
+        True,
+        description="Compute log-probs and the exact entropy (and their gradients) from the final hidden states, "
+        "applying the LM head entropy_chunk_size positions at a time and only at the positions a loss or statistic "
+        "reads, recomputing each chunk's logits in the backward: never the whole micro-batch's [b, L, V] logits. Same "
+        "values as the model's own logits within float rounding; needs a bias-free linear head (Qwen2, Llama).",
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=1,
+        description="Cut each mini-batch into micro-batches by padded tokens (rows x the micro-batch's longest row, "
+        "rows in their sorted order) instead of micro_batch_size rows; a longer row runs alone. Ranks agree on the "
+        "count (a short rank runs inert one-row micro-batches). None = micro_batch_size rows. The token-mean loss "
+        "is the same either way; clip_cov and kl_cov pick their tokens per micro-batch, so for them it is not.",
+    )
     cpus_per_worker: float = Field(
         1.0, gt=0.0, description="Ray CPUs per learner actor (its placement-group bundle); fractions let 2 learners share a core."
     )
@@ -55,7 +72,9 @@ class LearnerConfig(_Strict):
         default_factory=dict, description="Ray custom resources each learner actor (and its bundle) requests, e.g. {node_a: 1} to place "
         "it on the nodes started with that resource (`ray start --resources`); empty = anywhere.",
     )
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (large models).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute each decoder layer's activations in the backward (large models); turns share_prefix off."
+    )
     fuse_scoring: bool = Field(
         True,
         description="With one mini-batch (on-policy), take the old log-probs and the entropy from the training "
@@ -66,7 +85,16 @@ class LearnerConfig(_Strict):
         description="Weight sync: gather the full weights in flat bucketed all-gathers (FSDP2 dim-0 shards) "
         "instead of one collective per parameter; falls back to torch's gather for other layouts.",
     )
-    sync_bucket_mb: int = Field(64, ge=1, description="Weight sync: bytes per flat all-gather bucket, in MiB.")
+    sync_bucket_mb: int = Field(
+        64, ge=1, description="Weight sync: MiB of parameters (float32) per flat all-gather bucket; each bucket, in "
+        "sync_dtype, is one object the engines fetch and load in turn (services/learner/sync.py).",
+    )
+    sync_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Weight sync: the dtype the weights travel to the rollout engines in. auto = what the engines "
+        "compute in by default, so no sample changes: float32 for CPU learners, the checkpoint's dtype (bfloat16 "
+        "for Qwen2.5) on GPU. bfloat16 on CPU halves the bytes but rounds the float32 engines' weights.",
+    )
     sort_by_length: bool = Field(
         True,
         description="Order each mini-batch's rows by length before cutting micro-batches, so each micro-batch "

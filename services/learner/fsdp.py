@@ -20,7 +20,8 @@ def build_fsdp_model(model_path: str, cfg: LearnerConfig, device: torch.device, 
     (MixedPrecisionPolicy). On CPU parameters, gradients and optimizer stay float32; with
     `cpu_compute` bfloat16 (or auto on an AMX CPU) the decoder layers run under bf16 autocast
     (services/model/precision.py). The root group holds the
-    embedding and the (tied) lm_head together, so tying survives sharding.
+    embedding and the (tied) lm_head together, so tying survives sharding; with `chunked_head` it is
+    not resharded after its forward (services/learner/head.py reads the head's weight after it).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -44,7 +45,10 @@ def build_fsdp_model(model_path: str, cfg: LearnerConfig, device: torch.device, 
     hold = hold_full_params(cfg, device)
     for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp, reshard_after_forward=not hold)
-    fully_shard(model, mp_policy=mp, reshard_after_forward=not hold)
+    # the chunked head reads the root's (embedding, head, norm) parameters after the model's
+    # forward, and in the backward: the root stays unsharded until its post-backward (FSDP2's own
+    # default for a root), then reshards; `reshard` after a forward with no backward
+    fully_shard(model, mp_policy=mp, reshard_after_forward=False if cfg.chunked_head else not hold)
     return model
 
 

@@ -90,6 +90,14 @@ class LearnerGroup:
             raise RoleTimeout("learner", f"rank 0 did not gather the weights within {self.recovery.sync_timeout_s:g} s")
         return refs[0]
 
+    def weight_buckets(self):
+        """The weight sync's handle (`BucketedWeights`): rank 0's buckets, each written to the object
+        store by rank 0 itself, as refs the driver never resolves (services/learner/sync.py); pass
+        it to `RolloutPool.load_weights`. `state_dict_ref` is the one-float32-object way."""
+        from services.learner.sync import bucket_refs
+
+        return bucket_refs([w.export_weights.remote() for w in self.workers], self.recovery.sync_timeout_s)
+
     def get_full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full state dict itself (tests, export): tensors of their own (writable)."""
         import ray

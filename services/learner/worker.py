@@ -22,12 +22,14 @@ from controller.client import ControllerClient, publish_entropy
 from services import algorithm as alg
 from services.config import AlgorithmConfig, LearnerConfig
 from services.backends.network import rendezvous_port
-from services.learner.batch import TrainBatch, length_order, micro_batches
+from services.learner.batch import TrainBatch, length_order
 from services.learner.fsdp import (build_fsdp_model, has_dropout, hold_full_params, load_rank_state, load_sharded, make_adamw,
                                    optimizer_step, reshard, save_rank_state, save_sharded, sync_on_last, token_ids)
-from services.learner.gather import gather_full_state
-from services.learner.prefix import layered_cache_supported, shared_prefix_logits
-from services.learner.stats import entropy_stats, finish_stats, irrelevant_entropy
+from services.learner.forward import SUM_KEYS, ForwardSpec, add_sums, collect, rank_micro_batches, token_outputs
+from services.learner.head import check_plain_head
+from services.learner.prefix import layered_cache_supported
+from services.learner.stats import entropy_stats, finish_stats
+from services.learner.sync import export_buckets, full_state, resolve_sync_dtype
 
 
 def _publish(controller: ControllerClient, step: int | None, stats: dict) -> None:
@@ -89,6 +91,8 @@ class LearnerWorker:
         # the prompt-once forward feeds a KV cache with gradients; checkpointed layers drop caches
         self._share_prefix = self.cfg.share_prefix and not self.cfg.gradient_checkpointing and layered_cache_supported()
         self._hold = hold_full_params(self.cfg, self.device)
+        if self.cfg.chunked_head:
+            check_plain_head(self.model)
         self.vocab_size = int(self.model.config.vocab_size)
 
     def compute_info(self) -> dict[str, str]:
@@ -100,38 +104,28 @@ class LearnerWorker:
         return {"device": self.device.type, "layers": layers, "params": "float32"}
 
     # ------------------------------------------------------------------ forward passes
-    def _logits(self, batch: TrainBatch, all_positions: bool = False) -> tuple[torch.Tensor, int]:
-        """Logits of the batch cut to its longest row; returns (logits [b, l, V], l).
+    def _spec(self) -> ForwardSpec:
+        return ForwardSpec(self.cfg.chunked_head, self._share_prefix, self.cfg.entropy_chunk_size, tuple(self.irrelevant_ids))
 
-        With `share_prefix`, rows that share a prompt (a GRPO group, and the regularizer samples of
-        the same prompt) run the prompt once: `shared_prefix_logits` gives the same values at every
-        response position (the only ones any loss or statistic reads) for a fraction of the work.
-        """
-        width = int(batch.attention_mask.sum(1).max())
-        if self._share_prefix and not all_positions:
-            return shared_prefix_logits(self.model, batch.tokens[:, :width], batch.attention_mask[:, :width],
-                                        batch.response_mask[:, :width]), width
-        out = self.model(input_ids=batch.tokens[:, :width], attention_mask=batch.attention_mask[:, :width], use_cache=False)
-        return out.logits, width
+    def _micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
+        return rank_micro_batches(batch, self.cfg, self.world_size, self._all_reduce)
 
     @torch.no_grad()
     def _score(self, batch: TrainBatch, temperature: float = 1.0, with_entropy: bool = True, all_positions: bool = False):
         """Per-token log π_T(o_t) [B, L-1] (position t predicts token t+1), exact entropy and its
         reward-irrelevant part (both None without `with_entropy`)."""
-        lps, ents, irrs = [], [], []
+        seen: dict[str, list[torch.Tensor]] = {"logp": [], "ent": [], "irr": []}
         L = batch.tokens.shape[1]
-        for mb in micro_batches(batch, self.cfg.micro_batch_size):
-            logits, width = self._logits(mb, all_positions)
-            lp, ent = alg.token_logprobs_and_entropy(
-                logits[:, :-1], mb.tokens[:, 1:width], temperature, self.cfg.entropy_chunk_size, with_entropy
-            )
-            lps.append(torch.nn.functional.pad(lp.float(), (0, L - width)))
-            if with_entropy:
-                ents.append(torch.nn.functional.pad(ent.float(), (0, L - width)))
-                irrs.append(torch.nn.functional.pad(irrelevant_entropy(logits[:, :-1], self.irrelevant_ids, self.cfg.entropy_chunk_size), (0, L - width)))
+        micro, real = self._micro_batches(batch)
+        for mb in micro[:real]:
+            out = token_outputs(self.model, mb, self._spec(), temperature=temperature, observe=with_entropy,
+                                all_positions=all_positions)
+            collect(seen, out, L)
+        for mb in micro[real:]:  # a peer has more: the same forwards, so FSDP's collectives pair up
+            token_outputs(self.model, mb, self._spec(), temperature=temperature, all_positions=all_positions)
         if not with_entropy:
-            return torch.cat(lps), None, None
-        return torch.cat(lps), torch.cat(ents), torch.cat(irrs)
+            return torch.cat(seen["logp"]), None, None
+        return tuple(torch.cat(seen[k]) for k in ("logp", "ent", "irr"))
 
     def compute_logprobs(self, shard: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
         """log π_T(tokens[:, t] | tokens[:, <t]) as [B, L]; column 0 (nothing predicts it) is 0."""
@@ -190,7 +184,7 @@ class LearnerWorker:
         return stats
 
     def _reshard(self) -> None:
-        if self._hold:
+        if self._hold or self.cfg.chunked_head:  # chunked_head: the root stays unsharded after a forward
             reshard(self.model)
 
     def _train_minibatch(self, batch: TrainBatch, old_logp, observe=None, levers=None) -> dict[str, float]:
@@ -199,82 +193,67 @@ class LearnerWorker:
         `old_logp` None: on-policy, the behaviour log-probs are this forward's own (detached), and
         `observe(old_logp, entropy, irrelevant)` gets them, full-batch, before the optimizer step.
         """
-        cfg, algo = self.cfg, self.algorithm
         fused = old_logp is None
-        L = batch.tokens.shape[1]
         seen: dict[str, list[torch.Tensor]] = {"logp": [], "ent": [], "irr": []}
-        mask = batch.response_mask[:, 1:]
-        count = alg.loss_token_count(algo, mask, batch.is_regularizer)
+        count = alg.loss_token_count(self.algorithm, batch.response_mask[:, 1:], batch.is_regularizer)
         normalizer = float(self._all_reduce(torch.tensor([count], dtype=torch.float64)).item())
         if normalizer == 0 and not fused:  # every rank sees the same global count, so all skip together
             return {"skipped_steps": 1.0}
-        sums = dict.fromkeys(
-            ("pg_loss", "reg_loss", "entropy_bonus", "clipped_tokens", "approx_kl_sum", "grpo_tokens", "tokens"), 0.0
-        )
-        micro = micro_batches(batch, self.cfg.micro_batch_size)
+        sums = dict.fromkeys(SUM_KEYS, 0.0)
+        micro, real = self._micro_batches(batch)
+        start = 0
         for i, mb in enumerate(micro):
             sync_on_last(self.model, i == len(micro) - 1, self._hold)
-            rows = slice(i * cfg.micro_batch_size, i * cfg.micro_batch_size + len(mb))
-            logits, width = self._logits(mb)
-            logp, ent = alg.token_logprobs_and_entropy(
-                logits[:, :-1], mb.tokens[:, 1:width], 1.0, cfg.entropy_chunk_size, alg.needs_entropy(algo)
-            )
-            if fused:
-                behaviour = logp.detach()
-                with torch.no_grad():
-                    ent_obs = ent.detach() if ent is not None else alg.exact_entropy(
-                        logits[:, :-1].detach(), 1.0, cfg.entropy_chunk_size
-                    )
-                for key, val in (("logp", behaviour), ("ent", ent_obs), ("irr", irrelevant_entropy(logits[:, :-1], self.irrelevant_ids, self.cfg.entropy_chunk_size))):
-                    seen[key].append(torch.nn.functional.pad(val.float(), (0, L - width)))
-                if normalizer == 0:
-                    continue
-            else:
-                behaviour = old_logp[rows, : width - 1]
-            loss, st = alg.policy_loss(
-                algo, logp=logp, old_logp=behaviour, advantages=mb.advantages,
-                mask=mb.response_mask[:, 1:width], is_regularizer=mb.is_regularizer,
-                normalizer=normalizer, entropy=ent, generator=self.generator, levers=levers,
-            )
-            (loss * self.world_size).backward()
-            for key in sums:
-                sums[key] += st.get(key, 0.0)
-            sums["tokens"] += float(mb.attention_mask.sum())
+            out = token_outputs(self.model, mb, self._spec(), loss_entropy=alg.needs_entropy(self.algorithm), observe=fused)
+            if fused and i < real:
+                collect(seen, out, batch.tokens.shape[1])
+            if normalizer > 0:
+                behaviour = out.logp.detach() if fused or i >= real else old_logp[start : start + len(mb), : out.width - 1]
+                st = self._backward(mb, out, behaviour, normalizer, levers)
+                if i < real:
+                    add_sums(sums, st, mb)
+            start += len(mb)
         if fused:
             observe(*(torch.cat(seen[k]) for k in ("logp", "ent", "irr")))
             if normalizer == 0:
                 self.optimizer.zero_grad(set_to_none=True)
                 return {"skipped_steps": 1.0}
-        return optimizer_step(self.model, self.optimizer, cfg.grad_clip, sums, self._all_reduce)
+        return optimizer_step(self.model, self.optimizer, self.cfg.grad_clip, sums, self._all_reduce)
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (NCCL needs the tensor on the GPU)."""
+    def _backward(self, mb: TrainBatch, out, behaviour: torch.Tensor, normalizer: float, levers) -> dict[str, float]:
+        """The micro-batch's policy loss, backward (× world_size: FSDP averages over ranks); its stats."""
+        loss, st = alg.policy_loss(
+            self.algorithm, logp=out.logp, old_logp=behaviour, advantages=mb.advantages,
+            mask=mb.response_mask[:, 1 : out.width], is_regularizer=mb.is_regularizer,
+            normalizer=normalizer, entropy=out.entropy, generator=self.generator, levers=levers,
+        )
+        (loss * self.world_size).backward()
+        return st
+
+    def _all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+        """Sum (or `op`) over ranks (NCCL needs the tensor on the GPU)."""
         t = t.to(self.device)
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=op)
         return t.cpu()
 
     # ------------------------------------------------------------------ weights and checkpoints
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The unsharded weights on CPU on rank 0 (None elsewhere); a collective: call on every rank.
-
-        FSDP2 shards every parameter along dim 0, so the full tensor is the ranks' local shards
-        concatenated in rank order; `gather_full_state` moves them in a few flat all-gathers
-        (one per `cfg.sync_bucket_mb`) instead of one collective per parameter, which was 85 % of
-        the weight-sync time of the tiny model. Anything else falls back to torch's own gather.
-        """
-        sd = gather_full_state(self.model, self.cfg.sync_bucket_mb * 2**20) if self.cfg.fast_gather else None
-        if sd is None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return sd if self.rank == 0 else None
+        """The unsharded float32 weights on CPU on rank 0 (None elsewhere), every state-dict key;
+        a collective: call on every rank (`services/learner/sync.py`: `full_state`)."""
+        return full_state(self.model, self.cfg, self.rank)
 
     def full_state_dict_wire(self) -> dict | None:
         """`full_state_dict` as numpy arrays for Ray to ship zero-copy (services/backends/wire.py)."""
         from services.backends.wire import to_wire
 
         return to_wire(self.full_state_dict())
+
+    def export_weights(self):
+        """Weight sync: rank 0 yields the weights bucket by bucket in `cfg.sync_dtype`, then a
+        manifest; a collective (services/learner/sync.py). On Ray, a streaming generator."""
+        dtype = resolve_sync_dtype(self.cfg.sync_dtype, self.device, self.model_path)
+        yield from export_buckets(self.model, self.cfg, self.rank, dtype)
 
     def save_checkpoint(self, path: str) -> dict[str, int]:
         """Sharded model + optimizer state and this rank's RNGs (Clip-Cov's generator, torch's);

@@ -9,8 +9,8 @@ GPU: FSDP's bf16 mixed precision; 4 on CPU: float32).
 The terms follow this code base, not a generic recipe: FSDP2 shards each decoder layer and a root
 group (embedding, head, final norm); parameters, gradients and AdamW's two moments are float32;
 micro-batches before the last of an optimizer step skip the reduce-scatter, so FSDP2 keeps every
-unsharded gradient, upcast to float32, until then; the learner materialises the logits of a whole
-micro-batch and the log-probs of every chunk stay alive for the backward.
+unsharded gradient, upcast to float32, until then; without `chunked_head` the learner materialises
+the logits of a whole micro-batch and the log-probs of every chunk stay alive for the backward.
 
 Left out, on purpose (so a GPU's real peak can be above the estimate): the CUDA caching allocator's
 fragmentation (often 10-20 %), attention kernels' workspaces, NCCL's buffers beyond a flat 1 GiB,
@@ -27,6 +27,8 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from services.model.plan_sync import add_sync_terms
 
 GiB = 2**30
 # measured: 434 MiB max RSS of a Python with torch, transformers and ray imported (this project's
@@ -270,7 +272,15 @@ def _logits(est: Estimate, shape: ModelShape, lc, needs_entropy: bool, c: int, b
     full-size slice gradient); the exp, for an entropy with grad (entropy_reg, entropy_adv); a second
     logits buffer for share_prefix's prompt-once forward. Then one chunk's fp32 temporaries: the
     scaled copy (and on GPU the fp32 cast), three of them for the no-grad entropy that the fused
-    path takes inside the training forward (log-probs, exp, their product)."""
+    path takes inside the training forward (log-probs, exp, their product). With `chunked_head`
+    (services/learner/head.py) no b L V term: one chunk's logits and fp32 buffers (5: the logits,
+    log-probs, exp, their product, the irrelevant split's copy) and the head's fp32 weight gradient."""
+    if getattr(lc, "chunked_head", False):
+        rows = min(lc.entropy_chunk_size, b * L)
+        est.add(f"chunked head: one chunk's logits and fp32 buffers ({rows} positions)", "5 x 4 min(chunk, b L) V",
+                5 * 4 * rows * V, "update")
+        est.add("chunked head: its weight gradient (fp32)", "4 V h", 4 * V * shape.hidden, "update")
+        return
     chunks = math.ceil(b * L / lc.entropy_chunk_size)
     grads = 2 if chunks > 1 else 1
     per = c + 4 + grads * c + (4 if needs_entropy else 0)
@@ -319,13 +329,15 @@ def engine_memory(shape: ModelShape, rc, engine_device: str, memory: int | None,
 
 
 def learner_layout(cfg, n_workers: int, seq_len: int) -> LearnerLayout:
-    """Rows per rank per optimizer step: ceil(B G / (N M)) (+ the regularizer's m_up in append mode)."""
+    """Rows per rank per optimizer step: ceil(B G / (N M)) (+ the regularizer's m_up in append mode);
+    rows per micro-batch: micro_batch_size, or what max_tokens_per_micro_batch holds of full-length rows."""
     algo, lc = cfg.algorithm, cfg.learner
     rows = cfg.trainer.prompts_per_step * cfg.rollout.group_size
     if getattr(algo, "mode", "replace") == "append":
         rows += int(getattr(getattr(algo, "rule", None), "m_up", 0))
     per_rank = max(1, math.ceil(rows / (n_workers * lc.mini_batches)))
-    micro = min(lc.micro_batch_size, per_rank)
+    budget = getattr(lc, "max_tokens_per_micro_batch", None)  # rows of seq_len tokens within it, at least one
+    micro = min(lc.micro_batch_size if budget is None else max(1, budget // seq_len), per_rank)
     return LearnerLayout(per_rank, micro, math.ceil(per_rank / micro), seq_len,
                          fused=lc.mini_batches == 1 and lc.fuse_scoring)
 
@@ -367,15 +379,16 @@ def check_memory(cfg, shape: ModelShape, learner_device: str, engine_gpus: float
     _check_learner(cfg, shape, learner_device, lengths, cap, out)
     engine_on_gpu = cfg.rollout.engine != "vllm-cpu" and engine_gpus > 0
     _check_rollout(cfg, shape, engine_gpus, engine_on_gpu, lengths, rows_per_actor, cap, out)
-    host = host_estimate(cfg, shape, learner_device, engine_on_gpu, out.estimates)
+    host = host_estimate(cfg, shape, learner_device, engine_on_gpu, out)
     out.estimates["host"] = host
     if cap.total is not None and host.peak > cap.total:
         out.refusals.append(f"refused: host memory: the run needs {_g(host.peak)} GiB at its peak ({host.largest()} GiB), "
                             f"the cluster has {_g(cap.total)} GiB")
-    shm = 4 * shape.params * cap.engines_per_node
+    each = host.facts["sync"].shm_per_engine
+    shm = each * cap.engines_per_node
     if cfg.rollout.engine in ("vllm", "vllm-cpu") and cap.shm is not None and shm > cap.shm:
-        out.refusals.append(f"refused: rollout: up to {cap.engines_per_node} vLLM engines on a node write the fp32 weights "
-                            f"({_g(4 * shape.params)} GiB each) to /dev/shm at every weight sync: {_g(shm)} GiB, "
+        out.refusals.append(f"refused: rollout: up to {cap.engines_per_node} vLLM engines on a node write weight files "
+                            f"({_g(each)} GiB each) to /dev/shm at every weight sync: {_g(shm)} GiB, "
                             f"/dev/shm has {_g(cap.shm)} GiB")
     return out
 
@@ -464,11 +477,10 @@ def _check_vllm(rc, shape: ModelShape, est: Estimate, memory: int, per_gpu: int,
                             "them in waves")
 
 
-def host_estimate(cfg, shape: ModelShape, learner_device: str, engine_on_gpu: bool, estimates: dict) -> Estimate:
+def host_estimate(cfg, shape: ModelShape, learner_device: str, engine_on_gpu: bool, out: Findings) -> Estimate:
     """The cluster's host memory, all nodes together: every role's processes, CPU learners and CPU
     engines in full, GPU learners' loading (each rank reads the fp32 checkpoint into host memory
-    before moving it to its GPU), and the weight sync (rank 0 gathers the fp32 weights, 4 P, and
-    puts them in the object store, 4 P; every vLLM engine writes them to /dev/shm, 4 P, to reload)."""
+    before moving it to its GPU), and the weight sync (services/model/plan_sync.py)."""
     N, A, P = cfg.learner.num_workers, cfg.rollout.num_actors, shape.params
     est = Estimate("host", "host")
     procs = 1 + (cfg.reward.replicas if cfg.reward.mode == "serve" else 0)
@@ -479,12 +491,10 @@ def host_estimate(cfg, shape: ModelShape, learner_device: str, engine_on_gpu: bo
     if learner_device == "cuda":
         est.add(f"{N} learners reading the fp32 checkpoint", "4 P N", 4 * P * N, "start")
     else:
-        learner = estimates["learner"]
+        learner = out.estimates["learner"]
         for phase in ("always", "update", "start"):
             est.add(f"{N} CPU learners ({phase})", f"N x learner {phase}", N * learner.phase(phase), phase)
     if not engine_on_gpu:
-        est.add(f"{A} rollout engines on the host", "A x engine", A * estimates["rollout"].peak)
-    est.add("weight sync: rank 0's gathered fp32 weights + the object store's copy", "8 P", 8 * P, "sync")
-    if cfg.rollout.engine in ("vllm", "vllm-cpu"):
-        est.add(f"weight sync: {A} vLLM engines' safetensors files in /dev/shm", "4 P A", 4 * P * A, "sync")
+        est.add(f"{A} rollout engines on the host", "A x engine", A * out.estimates["rollout"].peak)
+    est.facts["sync"] = add_sync_terms(est, cfg, shape, learner_device, out.warnings)
     return est

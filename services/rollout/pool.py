@@ -1,7 +1,7 @@
 """The rollout pool (driver side): `num_actors` RolloutService Ray actors; prompts split, weights broadcast.
 
 An actor that dies is restarted by Ray and, before it serves again, re-synced by the pool to the
-weights of the current policy version (the pool holds a reference to them); its share of the
+weights of the current policy version (the pool keeps their bucket refs); its share of the
 call is then run again with the same seed, so the samples are the ones it would have drawn.
 Every sample's `policy_version` is checked against the pool's: an engine that serves other
 weights than the driver's is an error, never a silent off-policy batch.
@@ -130,11 +130,15 @@ class RolloutPool:
                         "rollout", "set_threads")
 
     def load_weights(self, version: int, weights) -> dict[str, float]:
-        """Broadcast weights (a state dict or an ObjectRef to one) to every actor; returns sync stats.
-        The pool keeps the reference, to re-sync an actor that restarts later."""
+        """Broadcast weights to every actor; returns sync stats. `weights`: a `BucketedWeights` (the
+        learners' bucket refs, passed as they are: each actor fetches the buckets itself), or a state
+        dict or an ObjectRef to one. The pool keeps the handle (the bucket refs, so the buckets stay
+        in the object store) to re-sync an actor that restarts later."""
         import ray
 
-        ref = weights if isinstance(weights, ray.ObjectRef) else ray.put(weights)
+        from services.backends.weight_buckets import is_bucketed
+
+        ref = weights if isinstance(weights, ray.ObjectRef) or is_bucketed(weights) else ray.put(weights)
         t0 = time.perf_counter()
         pending = [self._send(a, "load_weights", version, ref) for a in range(len(self.actors))]
         self.version, self._weights = int(version), ref  # an actor revived below must get these weights
@@ -143,6 +147,7 @@ class RolloutPool:
             "sync_s": time.perf_counter() - t0,
             "engine_sync_s": max(r["sync_s"] for r in per_actor),
             "policy_version": float(version),
+            "sync_bytes": sum(r.get("sync_bytes", 0.0) for r in per_actor),  # received by all actors together
         }
 
     def pids(self) -> list[int]:

@@ -5,9 +5,11 @@
 temperatures: the GRPO batch at T=1 and the AEPO regularizer batch at T_reg are two
 `SamplingRequest`s of one `generate_many`, which the engine serves in one batch.
 
-Weight sync: after each learner update the driver hands the new full state dict (an ObjectRef from
-`LearnerGroup.state_dict_ref()`, so it is gathered once and shipped by Ray's object store) to
-`load_weights(version, weights)`; samples carry the policy version they were drawn from.
+Weight sync: after each learner update the driver hands the new weights to `load_weights(version,
+weights)`: a `BucketedWeights` from `LearnerGroup.weight_buckets()`, whose buckets learner rank 0
+wrote to Ray's object store itself; this actor fetches them one at a time and its engine loads
+each before the next (services/learner/sync.py). Samples carry the policy version they were
+drawn from.
 """
 
 from __future__ import annotations
@@ -148,16 +150,25 @@ class RolloutService:
         if self.engine.name.startswith("vllm") and temperature > VLLM_MAX_TEMPERATURE:
             raise ValueError(f"vLLM rejects temperature {temperature} > {VLLM_MAX_TEMPERATURE}")
 
-    def load_weights(self, version: int, weights: dict) -> dict[str, float]:
-        """Swap in the learner's weights (HF state-dict names; tensors, or the numpy arrays
-        `LearnerGroup.state_dict_ref` ships); returns {'sync_s', 'policy_version'}."""
+    def load_weights(self, version: int, weights: Any) -> dict[str, float]:
+        """Swap in the learner's weights: a `BucketedWeights` (its buckets fetched and loaded one
+        at a time; services/backends/weight_buckets.py), or a whole state dict (HF names; tensors,
+        or the numpy arrays `LearnerGroup.state_dict_ref` ships). Returns {'sync_s',
+        'policy_version', 'sync_bytes'}."""
+        from services.backends.weight_buckets import is_bucketed, iter_bucket_tensors
         from services.backends.wire import from_wire
 
         t0 = time.perf_counter()
         self.engine.wake_up()  # weights are written into an awake engine (level 1 keeps a host copy)
-        self.engine.load_weights(from_wire(weights))
+        if is_bucketed(weights):
+            self.engine.load_weight_buckets(iter_bucket_tensors(weights))
+            nbytes = weights.nbytes
+        else:
+            state = from_wire(weights)
+            self.engine.load_weights(state)
+            nbytes = sum(v.numel() * v.element_size() for v in state.values() if hasattr(v, "element_size"))
         self.version = int(version)
-        return {"sync_s": time.perf_counter() - t0, "policy_version": float(self.version)}
+        return {"sync_s": time.perf_counter() - t0, "policy_version": float(self.version), "sync_bytes": float(nbytes)}
 
     def get_policy_version(self) -> int:
         """The version of the weights the engine samples from (0 = the initial checkpoint)."""

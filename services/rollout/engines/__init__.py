@@ -12,7 +12,7 @@ Nothing here imports Ray: an adapter runs the same in a Ray actor and in a plain
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence
+from typing import Iterable, Literal, Protocol, Sequence
 
 import torch
 
@@ -50,6 +50,13 @@ class Engine(Protocol):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Replace the model's weights in place (HF state-dict names); later calls sample from them."""
+        ...
+
+    def load_weight_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """`load_weights` streamed: each bucket's (HF name, tensor) pairs are loaded before the next
+        bucket is asked for, so the engine holds one bucket at a time (the tensors may be read-only
+        views of Ray's object store). Together the buckets hold every weight once: a tied alias
+        (`lm_head.weight` of a tied model) is absent and the engine restores it."""
         ...
 
     def close(self) -> None:

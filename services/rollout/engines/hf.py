@@ -16,7 +16,7 @@ before for the same seed; `tests/services/rollout/test_hf_engine.py` checks it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -248,11 +248,12 @@ class HFEngine:
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy an HF-named state dict into the model (dtype and device converted on the way)."""
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
-        tied = set(getattr(self.model, "_tied_weights_keys", None) or []) | {"lm_head.weight"}
-        missing = [k for k in missing if not (k in tied and self.model.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        self.load_weight_buckets([list(weights.items())])
+
+    def load_weight_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """Copy each bucket into the model's own tensors as it comes (dtype and device converted on
+        the way); a tied alias shares its storage with the weight it is tied to, so it is covered."""
+        copy_into(self.model, buckets)
 
     def sleep(self) -> None:
         """On a GPU, move the weights to host memory (the learners need the device); on CPU nothing."""
@@ -269,6 +270,27 @@ class HFEngine:
         self.model = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def copy_into(model, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+    """Copy (name, tensor) pairs, bucket after bucket, into the model's state-dict tensors (which
+    share the parameters' storage); then every state entry must have been written, directly or
+    through a tensor sharing its storage (a tied `lm_head.weight`). A wrong name or shape raises."""
+    targets = model.state_dict()
+    written: set[int] = set()
+    unexpected = []
+    for bucket in buckets:
+        for name, t in bucket:
+            dst = targets.get(name)
+            if dst is None or tuple(dst.shape) != tuple(t.shape):
+                unexpected.append(name if dst is None else f"{name} {tuple(t.shape)} != {tuple(dst.shape)}")
+                continue
+            dst.copy_(t)
+            written.add(dst.untyped_storage().data_ptr())
+    missing = [k for k, v in targets.items() if v.numel() and v.untyped_storage().data_ptr() not in written]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

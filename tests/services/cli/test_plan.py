@@ -24,9 +24,9 @@ def run(capsys, *argv) -> tuple[int, str]:
 
 
 def test_the_gpu_recipe_on_8_gpus_is_refused_with_the_16_gpu_message(capsys):
-    # the recipe as it was: split placement, 4 rows per micro-batch, no gradient checkpointing
+    # the recipe as it was: split placement, 4 rows per micro-batch, no gradient checkpointing, the plain head
     old = ("rollout.placement=split", "rollout.gpu_memory_utilization=0.6", "learner.micro_batch_size=4",
-           "learner.gradient_checkpointing=false")
+           "learner.gradient_checkpointing=false", "learner.chunked_head=false")
     rc, out = run(capsys, RECIPE, *old, "--gpus", "8", "--gpu-memory-gib", "80")
     assert rc == 1
     assert SIXTEEN in out
@@ -113,11 +113,16 @@ def test_a_hand_worked_learner_and_vllm_estimate():
     shape = ModelShape("hand", hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=100, tied=True,
                        max_positions=64, dtype_bytes=2)
     assert (shape.layer_params, shape.root_params, shape.params) == (37120, 6464, 80704)
-    lc = LearnerConfig(num_workers=2, micro_batch_size=2, entropy_chunk_size=8, share_prefix=False)
-    est = learner_memory(shape, lc, False, "cuda", 2, LearnerLayout(rows=4, micro=2, micro_batches=2, seq_len=10, fused=True))
+    lc = LearnerConfig(num_workers=2, micro_batch_size=2, entropy_chunk_size=8, share_prefix=False, chunked_head=False)
+    layout = LearnerLayout(rows=4, micro=2, micro_batches=2, seq_len=10, fused=True)
+    est = learner_memory(shape, lc, False, "cuda", 2, layout)
     assert [t[2] for t in est.terms if t[3] == "update"] == [645632, 161408, 322816, 107520, 200, 20000, 12800]
     assert est.phase("update") == 1270376 and est.phase("start") == 322816
     assert est.peak == GiB + 1270376
+    # the chunked head: one chunk's 5 fp32 buffers 5 * 4 * 8 * 100 = 16000, its weight gradient 4 V h = 25600
+    chunked = learner_memory(shape, lc.model_copy(update={"chunked_head": True}), False, "cuda", 2, layout)
+    assert [t[2] for t in chunked.terms if t[3] == "update"][-2:] == [16000, 25600]
+    assert chunked.phase("update") == 1270376 - 20000 - 12800 + 16000 + 25600
     rc = RolloutConfig(engine="vllm", gpu_memory_utilization=0.5)
     eng = engine_memory(shape, rc, "cuda", 16 * GiB, rows=16, seq_len=32)
     assert eng.facts["kv_bytes"] == 6442289536 and eng.facts["kv_tokens"] == 25165193

@@ -186,8 +186,10 @@ def test_every_loss_variant_takes_a_finite_step_on_one_in_process_rank(tiny_mode
 
 
 def assert_same_update(stats_a, weights_a, stats_b, weights_b) -> None:
-    """Two one-rank updates that must agree: weights within 1e-6, losses and entropy stats within 1e-5."""
-    assert max_abs_diff(weights_a, weights_b) < 1e-6
+    """Two one-rank updates that must agree: weights within 2e-6, losses and entropy stats within 1e-5.
+    (AdamW's first step is lr x g / (|g| + eps): float rounding in a gradient entry near 0 moves its
+    weight by up to a few % of lr = 1e-4, whichever of two equal computations made it.)"""
+    assert max_abs_diff(weights_a, weights_b) < 2e-6
     for key in ("entropy", "entropy_regularizer", "entropy_sampled", "pg_loss", "reg_loss", "grad_norm"):
         assert stats_a[key] == pytest.approx(stats_b[key], rel=1e-5, abs=1e-7), key
 

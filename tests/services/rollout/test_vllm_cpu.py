@@ -60,6 +60,43 @@ def test_a_weight_update_changes_the_output_to_the_new_models(service, prompts, 
     assert stats["policy_version"] == 1 and stats["sync_s"] < 5.0  # ~0.05 s measured for 4 MB
 
 
+@pytest.mark.parametrize("layerwise", [True, False])
+def test_weights_pushed_bucket_by_bucket_decode_like_the_learners_model(service, prompts, tiny_model_path, perturbed_weights,
+                                                                         tokenizer, layerwise):
+    """Buckets as the learners send them (the tied lm_head left out): loaded one file at a time in
+    one layerwise reload, or (a vLLM without it) as one directory of bucket files; float32 gives
+    the reference's greedy output, bfloat16 the reference's with its weights rounded to bf16; no
+    file is left in /dev/shm."""
+    import glob
+
+    import torch
+
+    from services.backends.weight_buckets import BucketedWeights, pack_bucket
+
+    eos = tokenizer.eos_token_id
+    items = [(k, v) for k, v in perturbed_weights.items() if k != "lm_head.weight"]
+    pushes = os.path.join(service.engine.weights_dir, "aepo-weights-*")
+    before = set(glob.glob(pushes))
+    service.engine.bucketed = layerwise and service.engine.bucketed
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            service.load_weights(0, load_causal_lm(tiny_model_path).state_dict())  # back to the checkpoint
+            handle = BucketedWeights([pack_bucket(items[i : i + 7], dtype) for i in range(0, len(items), 7)])
+            service.load_weights(1, handle)
+            want = {k: v.to(dtype).float() for k, v in perturbed_weights.items()}
+            assert greedy(service, prompts) == [reference_greedy(hf_model_with(tiny_model_path, want), ids, 10, eos)
+                                                for _, ids in prompts], dtype
+    finally:
+        service.engine.bucketed = vllm_reload_supported()
+    assert set(glob.glob(pushes)) <= before
+
+
+def vllm_reload_supported() -> bool:
+    from services.rollout.engines.vllm_reload import supported
+
+    return supported()
+
+
 def test_samples_end_with_eos_when_stopped_and_carry_engine_and_version(service, prompts, peaked_weights, tokenizer):
     service.load_weights(2, peaked_weights)
     for s in service.generate(prompts, 8, 1.0, seed=0):

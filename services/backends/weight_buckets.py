@@ -1,0 +1,118 @@
+"""Weights on the wire in buckets: what the learners export and the rollout engines load, per sync.
+
+A bucket is one flat byte buffer (a numpy uint8 array, which Ray stores zero-copy in its object
+store and hands back as a read-only view) plus an index of the tensors in it: (name, dtype, shape,
+offset, bytes), each tensor aligned to ALIGN bytes. `unpack_bucket` gives the tensors back as views
+of that buffer: no copy on the receiving side until the engine copies them into its own weights.
+
+`BucketedWeights` is the handle the driver passes around: the buckets in export order (Ray
+ObjectRefs on the Ray backend, which the driver never resolves; the buckets themselves in one
+process) and a small manifest. `iter_bucket_tensors` is the receiving side: it resolves one
+bucket at a time (ray.get inside the rollout actor, the next one fetched while the current one
+loads), so a rollout actor holds two buckets, never the whole model. How a collective transport would slot in:
+services/learner/sync.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+
+ALIGN = 64  # bytes; any tensor's offset in a bucket is a multiple of it (a view of any dtype is valid)
+
+
+@dataclass
+class BucketedWeights:
+    """The full weights of one sync, bucket by bucket: `buckets` (ObjectRefs or packed buckets, in
+    order) and `manifest` ({dtype, buckets, bytes, tensors, transport}). Tied aliases (a tied
+    `lm_head.weight`) are not sent: the engines' own weights share the storage, or, for vLLM,
+    the engine restores them."""
+
+    buckets: list[Any]
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data across the buckets (what each engine receives)."""
+        return int(self.manifest.get("bytes", 0))
+
+
+def pack_bucket(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> dict:
+    """One bucket: {"index": [(name, dtype, shape, offset, nbytes)], "data": uint8 array}.
+    Floating-point tensors are written as `dtype` (None: as they are); others unchanged."""
+    items = []
+    offset = 0
+    for name, t in tensors:
+        out_dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        nbytes = t.numel() * torch.empty((), dtype=out_dtype).element_size()
+        items.append((name, t, out_dtype, offset, nbytes))
+        offset += -(-nbytes // ALIGN) * ALIGN
+    data = torch.empty(offset, dtype=torch.uint8)
+    index = []
+    for name, t, out_dtype, off, nbytes in items:
+        if nbytes:
+            data[off : off + nbytes].view(out_dtype).view(t.shape).copy_(t.detach())
+        index.append((name, str(out_dtype).removeprefix("torch."), tuple(t.shape), off, nbytes))
+    return {"index": index, "data": data.numpy()}
+
+
+def unpack_bucket(bucket: dict) -> list[tuple[str, torch.Tensor]]:
+    """The bucket's tensors as views of its buffer (read-only when the buffer is Ray's: copy them
+    into a model, do not write to them)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        data = torch.from_numpy(bucket["data"])
+    out = []
+    for name, dtype, shape, off, nbytes in bucket["index"]:
+        dt = getattr(torch, dtype)
+        t = data[off : off + nbytes].view(dt).view(shape) if nbytes else torch.empty(shape, dtype=dt)
+        out.append((name, t))
+    return out
+
+
+def bucket_bytes(bucket: dict) -> int:
+    """Tensor bytes in a packed bucket (its padding left out)."""
+    return sum(entry[4] for entry in bucket["index"])
+
+
+def iter_bucket_tensors(weights: BucketedWeights) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Each bucket's (name, tensor) pairs, in order. ObjectRefs are resolved here, one at a time,
+    with the next one fetched (on a thread) while the caller loads the current one: at most two
+    buckets are held, and on a multi-node cluster the transfer overlaps the load."""
+    items = weights.buckets
+    if not any(_is_ref(item) for item in items):
+        for item in items:
+            yield unpack_bucket(item)
+        return
+    import ray
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bucket-fetch") as fetcher:
+        def fetch(k: int) -> Future | None:
+            return fetcher.submit(ray.get, items[k]) if k < len(items) and _is_ref(items[k]) else None
+
+        nxt = fetch(0)
+        for k, item in enumerate(items):
+            current = nxt.result() if nxt is not None else item
+            nxt = fetch(k + 1)
+            yield unpack_bucket(current)
+            del current  # the object store's pin on a bucket goes with the last view of it
+
+
+def _is_ref(item: Any) -> bool:
+    return not isinstance(item, dict)  # a packed bucket is a dict; anything else is an ObjectRef to one
+
+
+def is_bucketed(weights: Any) -> bool:
+    """Whether `weights` is a bucketed handle (else a state dict, or an ObjectRef to one)."""
+    return isinstance(weights, BucketedWeights)
+
+
+def as_bucketed(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> BucketedWeights:
+    """A state dict as one in-memory bucket (tests, and callers holding a plain dict)."""
+    bucket = pack_bucket(state.items(), dtype)
+    return BucketedWeights([bucket], {"buckets": 1, "bytes": bucket_bytes(bucket), "tensors": len(state),
+                                      "dtype": str(dtype or "as stored").removeprefix("torch."), "transport": "memory"})
