@@ -384,7 +384,7 @@ def check_memory(cfg, shape: ModelShape, learner_device: str, engine_gpus: float
     if cap.total is not None and host.peak > cap.total:
         out.refusals.append(f"refused: host memory: the run needs {_g(host.peak)} GiB at its peak ({host.largest()} GiB), "
                             f"the cluster has {_g(cap.total)} GiB")
-    each = host.facts["sync"].shm_per_engine
+    each = host.facts["sync"]["shm_per_engine"]
     shm = each * cap.engines_per_node
     if cfg.rollout.engine in ("vllm", "vllm-cpu") and cap.shm is not None and shm > cap.shm:
         out.refusals.append(f"refused: rollout: up to {cap.engines_per_node} vLLM engines on a node write weight files "
@@ -496,5 +496,5 @@ def host_estimate(cfg, shape: ModelShape, learner_device: str, engine_on_gpu: bo
             est.add(f"{N} CPU learners ({phase})", f"N x learner {phase}", N * learner.phase(phase), phase)
     if not engine_on_gpu:
         est.add(f"{A} rollout engines on the host", "A x engine", A * out.estimates["rollout"].peak)
-    est.facts["sync"] = add_sync_terms(est, cfg, shape, learner_device, out.warnings)
+    est.facts["sync"] = vars(add_sync_terms(est, cfg, shape, learner_device, out.warnings))
     return est

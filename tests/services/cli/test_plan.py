@@ -26,7 +26,7 @@ def run(capsys, *argv) -> tuple[int, str]:
 def test_the_gpu_recipe_on_8_gpus_is_refused_with_the_16_gpu_message(capsys):
     # the recipe as it was: split placement, 4 rows per micro-batch, no gradient checkpointing, the plain head
     old = ("rollout.placement=split", "rollout.gpu_memory_utilization=0.6", "learner.micro_batch_size=4",
-           "learner.gradient_checkpointing=false", "learner.chunked_head=false")
+           "learner.gradient_checkpointing=false", "learner.chunked_head=false", "learner.entropy_chunk_size=4096")
     rc, out = run(capsys, RECIPE, *old, "--gpus", "8", "--gpu-memory-gib", "80")
     assert rc == 1
     assert SIXTEEN in out
@@ -180,15 +180,43 @@ def test_json_output(capsys):
     assert plan["memory"]["learner"]["peak"] == roles["learner"]["memory_peak"]
 
 
-def test_the_recipe_fits_two_h200_nodes_with_checkpointing_until_dev_shm_is_too_small(capsys):
+def test_the_recipe_fits_two_h200_nodes_with_checkpointing_until_dev_shm_is_too_small(capsys, monkeypatch):
+    from services.model import plan_sync
+
     argv = [RECIPE, "learner.gradient_checkpointing=true", "--nodes", "2", "--gpus", "8", "--gpu-memory-gib", "141",
             "--cpus", "64", "--memory-gib", "1024"]
     rc, out = run(capsys, *argv)
     assert rc == 0, out
+    # one bucket file per engine at a time: 64 MiB of fp32 parameters + the embedding that closes a
+    # bucket (4 x 152064 x 3584 B), in bf16: 1,123,549,184 B = 1.05 GiB; Ray may pack all 8 engines on a node
+    monkeypatch.setattr(plan_sync, "vllm_layerwise_reload", lambda: True)
     rc, out = run(capsys, *argv, "--shm-gib", "64")
+    assert rc == 0, out
+    rc, out = run(capsys, *argv, "--shm-gib", "4")
     assert rc == 1
-    # Ray may pack all 8 engines on one of the two nodes: 8 x 28.4 GiB of fp32 weights in /dev/shm
-    assert "up to 8 vLLM engines on a node write the fp32 weights" in out and "227.0 GiB, /dev/shm has 64.0 GiB" in out
+    assert "up to 8 vLLM engines on a node write weight files (1.0 GiB each)" in out and "8.4 GiB, /dev/shm has 4.0 GiB" in out
+    # a vLLM without the layerwise reload writes the whole bf16 model: 8 x 2 x 7,615,616,512 B
+    monkeypatch.setattr(plan_sync, "vllm_layerwise_reload", lambda: False)
+    rc, out = run(capsys, *argv, "--shm-gib", "64")
+    assert rc == 1 and "(14.2 GiB each)" in out and "113.5 GiB, /dev/shm has 64.0 GiB" in out
+
+
+def test_the_weight_sync_terms_follow_the_sync_dtype_and_the_bucket(monkeypatch):
+    from services.cli.config_file import load_config
+    from services.model import plan_sync
+    from services.model.plan_memory import PRESETS
+
+    monkeypatch.setattr(plan_sync, "vllm_layerwise_reload", lambda: None)
+    shape = PRESETS["qwen2.5-0.5b"]
+    cfg = load_config(CPU_DEFAULT, ["learner.sync_bucket_mb=16"])
+    cpu = plan_sync.sync_sizes(cfg, shape, "cpu")
+    # float32 on CPU (auto): 16 MiB + the embedding 4 x 151936 x 896 B; tied: its copy in each engine's file
+    assert cpu.dtype_bytes == 4 and cpu.bucket == 16 * 2**20 + 4 * 151936 * 896
+    assert cpu.shm_per_engine == cpu.bucket + 4 * 151936 * 896 and cpu.layerwise
+    gpu = plan_sync.sync_sizes(cfg, shape, "cuda")
+    assert gpu.dtype_bytes == 2 and gpu.bucket == cpu.bucket // 2
+    forced = plan_sync.sync_sizes(load_config(CPU_DEFAULT, ["learner.sync_dtype=bfloat16"]), shape, "cpu")
+    assert forced.dtype_bytes == 2
 
 
 def test_a_vllm_reservation_without_room_for_one_sequence_is_refused(capsys):
