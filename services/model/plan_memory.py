@@ -127,10 +127,10 @@ def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | No
     if path is not None:
         config = Path(path) / "config.json"
         if config.is_file():
-            return shape_from_hf_config(json.loads(config.read_text()), path), f"{config}"
+            return _shape_in(config, path, f"{config}")
         cached = _hub_cached_config(model_cfg)
         if cached is not None:
-            return shape_from_hf_config(json.loads(cached.read_text()), path), f"{cached} (hub cache)"
+            return _shape_in(cached, path, f"{cached} (hub cache)")
         if path.lower() in HUB_PRESETS:
             key = HUB_PRESETS[path.lower()]
             return PRESETS[key], f"hub name {path}: preset {key}"
@@ -144,6 +144,14 @@ def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | No
     t = model_cfg.tiny
     return ModelShape("tiny", t.hidden_size, t.num_layers, t.num_heads, t.num_heads, t.intermediate_size,
                       len(tiny_vocab()), True, t.max_position_embeddings, dtype_bytes=4), "model.tiny"
+
+
+def _shape_in(config: Path, name: str, source: str) -> tuple[ModelShape | None, str]:
+    # a config.json without the Qwen2/Llama keys leaves the shape unknown (a note), not the plan failed
+    try:
+        return shape_from_hf_config(json.loads(config.read_text()), name), source
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, f"{source} does not give the shape ({exc} missing or invalid): pass --model-shape"
 
 
 def _hub_cached_config(model_cfg) -> Path | None:
