@@ -3,10 +3,12 @@
     aepo train --config deploy/configs/cpu_default.yaml [--output-dir DIR] [--resume] [--compare grpo] \
         [key.path=value ...]      e.g. trainer.steps=20 algorithm.target.value=0.3 rollout.engine=vllm-cpu
 
-Parse the config, get the model (a hub name is downloaded once into model.cache_dir; the embedded
-tiny model is warm-started once and cached), check that the prompts and responses fit its context,
-start the system, train, write the outputs, close. `--compare grpo` runs the same config with
-plain GRPO afterwards, in the same cluster, for the same budget, and plots both.
+Parse the config, check its plan (`aepo plan`'s rules) against the cluster it is about to run on
+(refused: exit 2, before anything starts; --skip-plan skips it), get the model (a hub name is
+downloaded once into model.cache_dir; the embedded tiny model is warm-started once and cached),
+check that the prompts and responses fit its context, start the system, train, write the outputs,
+close. `--compare grpo` runs the same config with plain GRPO afterwards, in the same cluster, for
+the same budget, and plots both.
 """
 
 from __future__ import annotations
@@ -47,11 +49,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "driver, learner, engine, verifier and controller code in this process (one learner rank, no transport)",
     )
     p.add_argument("--threads", type=int, help="torch threads of the local backend (default: rollout.torch_threads)")
+    p.add_argument(
+        "--skip-plan", action="store_true",
+        help="start without checking the run's plan (`aepo plan`) against the cluster: for a cluster whose "
+        "description is wrong (a GPU type Ray does not name, resources it does not report)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the config; exit 0 when it finished, 128 + the signal when SIGTERM/SIGINT stopped it
-    after a checkpoint, 2 when the output directory and --resume/--overwrite disagree."""
+    after a checkpoint, 2 when the output directory and --resume/--overwrite disagree or the run's
+    plan does not fit the cluster (services/cli/start_plan.py)."""
+    from services.cli.start_plan import PlanRefused
     from services.loop import checkpoint, interrupt
     from services.loop.outputs import RunDirNotEmpty
     from services.model.context import ContextTooLong
@@ -64,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
         interrupt.install()
     try:
         return _train(args)
-    except (checkpoint.NoCheckpoint, RunDirNotEmpty, ModelUnavailable, ContextTooLong) as exc:
+    except (checkpoint.NoCheckpoint, RunDirNotEmpty, ModelUnavailable, ContextTooLong, PlanRefused) as exc:
         print(f"aepo train: {exc}", file=sys.stderr)
         return 2
     except interrupt.Interrupted as exc:
@@ -97,21 +106,24 @@ def _train(args: argparse.Namespace) -> int:
     backend = getattr(args, "backend", "ray")
     base = compare_config(cfg, args.compare) if args.compare else None
     parallel = base is not None and backend == "ray" and getattr(args, "compare_mode", "parallel") == "parallel"
+    need = cpus_needed(cfg) + (cpus_needed(base) if parallel else 0)
     if backend == "ray":
-        need = cpus_needed(cfg) + (cpus_needed(base) if parallel else 0)
         init_ray(num_cpus=max(os.cpu_count() or 2, need), quiet=not args.verbose)
-        if parallel and not cluster_fits(need):
-            print(f"--compare: the cluster has fewer than the {need} CPUs two runs at once reserve; "
-                  "running the baseline after the main run", flush=True)
-            parallel = False
-    threads_alone = cfg.rollout.torch_threads
-    if parallel:  # two runs share the cores: one generation thread each (until one of them ends)
-        cfg, base = single_threaded(cfg), single_threaded(base)
+    # the plan before the model is fetched or warm-started: its shape is known without it unless
+    # it is a hub name with no preset, which is planned again once its config.json is here
+    both = [c for c in (cfg, base) if c is not None]
+    plans = start_plans(args, backend, both)
     base_out = out / f"compare-{args.compare}"
     mode = {"resume": args.resume, "overwrite": getattr(args, "overwrite", False)}
     # before anything starts: a missing checkpoint is an error now, not after the warm start
     run_id, base_id = (run_id_for(c, o, args.resume) if c is not None else None for c, o in ((cfg, out), (base, base_out)))
     model_path, warm, items = prepare_run(cfg, progress=not args.no_progress)
+    if any(p.shape is None for p in plans):
+        plans = start_plans(args, backend, both)
+    parallel = parallel and side_by_side(plans, need)
+    threads_alone = cfg.rollout.torch_threads
+    if parallel:  # two runs share the cores: one generation thread each (until one of them ends)
+        cfg, base = single_threaded(cfg), single_threaded(base)
     runs = {}
     if backend == "local":
         from services.backends.in_process import LocalSystem
@@ -185,10 +197,30 @@ def cpus_needed(cfg) -> int:
     return max(math.ceil(need), 1)
 
 
-def cluster_fits(cpus: int) -> bool:
+def side_by_side(plans: list, cpus: int) -> bool:
+    """Whether `--compare`'s two runs fit the cluster at once; else the baseline runs after the main run."""
     import ray
 
-    return ray.cluster_resources().get("CPU", 0) >= cpus
+    from services.cli.start_plan import side_by_side_memory_note, side_by_side_shortfall
+
+    short = side_by_side_shortfall(plans, cpus, ray.cluster_resources().get("CPU", 0))
+    note = None if short else side_by_side_memory_note(plans)
+    if short:
+        print(f"--compare: the cluster has {short}; running the baseline after the main run", flush=True)
+    if note:
+        print(f"plan: note: {note}", flush=True)
+    return short is None
+
+
+def start_plans(args: argparse.Namespace, backend: str, cfgs: list) -> list:
+    """`aepo plan` on the cluster this run is about to use (services/cli/start_plan.py); raises
+    PlanRefused when a run does not fit; no plans with --skip-plan."""
+    if getattr(args, "skip_plan", False):
+        print("plan: not checked (--skip-plan)", flush=True)
+        return []
+    from services.cli.start_plan import check_start, run_cluster
+
+    return check_start(cfgs, backend, run_cluster(backend), args.config)
 
 
 def prepare_run(cfg, progress: bool) -> tuple[str, dict, tuple[list, list]]:

@@ -28,8 +28,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.model.plan_sync import add_sync_terms
-
 GiB = 2**30
 # measured: 434 MiB max RSS of a Python with torch, transformers and ray imported (this project's
 # 2-core reference machine); every Ray worker process of a role carries about this much
@@ -129,10 +127,10 @@ def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | No
     if path is not None:
         config = Path(path) / "config.json"
         if config.is_file():
-            return shape_from_hf_config(json.loads(config.read_text()), path), f"{config}"
+            return _shape_in(config, path, f"{config}")
         cached = _hub_cached_config(model_cfg)
         if cached is not None:
-            return shape_from_hf_config(json.loads(cached.read_text()), path), f"{cached} (hub cache)"
+            return _shape_in(cached, path, f"{cached} (hub cache)")
         if path.lower() in HUB_PRESETS:
             key = HUB_PRESETS[path.lower()]
             return PRESETS[key], f"hub name {path}: preset {key}"
@@ -146,6 +144,14 @@ def resolve_shape(model_cfg, preset: str | None = None) -> tuple[ModelShape | No
     t = model_cfg.tiny
     return ModelShape("tiny", t.hidden_size, t.num_layers, t.num_heads, t.num_heads, t.intermediate_size,
                       len(tiny_vocab()), True, t.max_position_embeddings, dtype_bytes=4), "model.tiny"
+
+
+def _shape_in(config: Path, name: str, source: str) -> tuple[ModelShape | None, str]:
+    # a config.json without the Qwen2/Llama keys leaves the shape unknown (a note), not the plan failed
+    try:
+        return shape_from_hf_config(json.loads(config.read_text()), name), source
+    except (KeyError, TypeError, ValueError) as exc:
+        return None, f"{source} does not give the shape ({exc} missing or invalid): pass --model-shape"
 
 
 def _hub_cached_config(model_cfg) -> Path | None:
@@ -379,6 +385,8 @@ def check_memory(cfg, shape: ModelShape, learner_device: str, engine_gpus: float
     _check_learner(cfg, shape, learner_device, lengths, cap, out)
     engine_on_gpu = cfg.rollout.engine != "vllm-cpu" and engine_gpus > 0
     _check_rollout(cfg, shape, engine_gpus, engine_on_gpu, lengths, rows_per_actor, cap, out)
+    from services.model.plan_host import host_estimate
+
     host = host_estimate(cfg, shape, learner_device, engine_on_gpu, out)
     out.estimates["host"] = host
     if cap.total is not None and host.peak > cap.total:
@@ -475,26 +483,3 @@ def _check_vllm(rc, shape: ModelShape, est: Estimate, memory: int, per_gpu: int,
         out.warnings.append(f"rollout: each engine's KV cache holds {f['sequences']} rows of {lengths['seq_len']} tokens "
                             f"at once ({f['kv_tokens']} tokens), an actor draws {rows} rows a step: it generates "
                             "them in waves")
-
-
-def host_estimate(cfg, shape: ModelShape, learner_device: str, engine_on_gpu: bool, out: Findings) -> Estimate:
-    """The cluster's host memory, all nodes together: every role's processes, CPU learners and CPU
-    engines in full, GPU learners' loading (each rank reads the fp32 checkpoint into host memory
-    before moving it to its GPU), and the weight sync (services/model/plan_sync.py)."""
-    N, A, P = cfg.learner.num_workers, cfg.rollout.num_actors, shape.params
-    est = Estimate("host", "host")
-    procs = 1 + (cfg.reward.replicas if cfg.reward.mode == "serve" else 0)
-    procs += N if learner_device == "cuda" else 0
-    procs += A if engine_on_gpu else 0
-    est.add(f"{procs} Ray worker processes of GPU roles, reward, controller", f"{procs} x 0.45 GiB", procs * PROCESS_BASELINE)
-    est.add("the driver and Ray's own processes (assumed)", "1.5 GiB", DRIVER_AND_RAY)
-    if learner_device == "cuda":
-        est.add(f"{N} learners reading the fp32 checkpoint", "4 P N", 4 * P * N, "start")
-    else:
-        learner = out.estimates["learner"]
-        for phase in ("always", "update", "start"):
-            est.add(f"{N} CPU learners ({phase})", f"N x learner {phase}", N * learner.phase(phase), phase)
-    if not engine_on_gpu:
-        est.add(f"{A} rollout engines on the host", "A x engine", A * out.estimates["rollout"].peak)
-    est.facts["sync"] = vars(add_sync_terms(est, cfg, shape, learner_device, out.warnings))
-    return est

@@ -158,6 +158,7 @@ def test_a_killed_in_memory_controller_actor_says_so_and_serves_again_once_resto
     client.observe(0, 0.5)
     client.plan(1)
     saved = client.state()
+    assert saved["store"] == "memory"  # the default config: no controller.redis_url, no Redis anywhere
     pid = ray.get(actor.pid.remote())
     import os
     import signal
@@ -189,6 +190,18 @@ def test_the_named_ray_actor_is_found_by_name_and_resumes_after_a_crash(ray_loca
     assert state["last"]["exact"]["entropy"] == 0.5
     assert ray.get(same.plan.remote(1))["direction"] == "down"
     ray.kill(same, no_restart=True)
+
+
+def test_no_redis_is_needed_by_default_or_by_any_cpu_config():
+    """controller.redis_url defaults to None (state in memory), and the CPU configs keep it so: a bare
+    `ray job submit` cluster or a laptop runs them without a Redis."""
+    from pathlib import Path
+
+    from services.cli.config_file import load_config
+
+    assert ControllerConfig().redis_url is None
+    configs = sorted((Path(__file__).resolve().parents[2] / "deploy/configs").glob("cpu_*.yaml"))
+    assert configs and all(load_config(c).controller.redis_url is None for c in configs)
 
 
 def test_a_checkpointed_state_restores_into_a_fresh_in_memory_controller():

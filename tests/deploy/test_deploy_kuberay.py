@@ -1,6 +1,7 @@
 """KubeRay manifests checked offline: our own JSON schema for the RayCluster/RayJob subset we use
-(deploy/kuberay/schema/), the embedded pod templates against the Kubernetes core schema
-(kubernetes-validate ships it), and the links between the manifests and the rest of the repo."""
+(deploy/kuberay/schema/), the embedded pod templates and redis.yaml's Deployment and Service against
+the Kubernetes core schema (kubernetes-validate ships it), and the links between the manifests and
+the rest of the repo (the recipes' controller.redis_url names redis.yaml's Service)."""
 
 from __future__ import annotations
 
@@ -147,3 +148,136 @@ def test_manifests_fit_together():
         assert group["template"]["metadata"]["annotations"]["prometheus.io/port"] == group["rayStartParams"]["metrics-export-port"]
     images |= {head_c["image"], job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["image"]}
     assert len(images) == 1, f"one project image everywhere, got {images}"
+
+
+# --------------------------------------------------------------------------- the Redis of redis.yaml
+
+
+def _redis_docs() -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((KUBERAY / "redis.yaml").read_text())}
+
+
+def _recipe_redis_urls() -> dict[str, str]:
+    """controller.redis_url of every config that sets one, as the files have it."""
+    urls = {}
+    for path in sorted((DEPLOY / "configs").glob("*.yaml")):
+        url = ((yaml.safe_load(path.read_text()) or {}).get("controller") or {}).get("redis_url")
+        if url:
+            urls[path.name] = url
+    return urls
+
+
+def _redis_problems(docs: dict[str, dict], url: str) -> list[str]:
+    """What keeps `url` from reaching the Redis of `docs` (a Deployment and a Service), or keeps
+    that Redis from being the one the controller needs: durable writes, a readiness that means
+    it answers, resources requested."""
+    from urllib.parse import urlparse
+
+    target, problems = urlparse(url), []
+    svc, dep = docs.get("Service"), docs.get("Deployment")
+    if svc is None or dep is None:
+        return [f"redis.yaml holds {sorted(docs)}, not a Deployment and a Service"]
+    pod = dep["spec"]["template"]
+    labels = pod["metadata"].get("labels", {})
+    (c,) = pod["spec"]["containers"]
+    if svc["metadata"]["name"] != target.hostname:
+        problems.append(f"Service {svc['metadata']['name']!r} is not {target.hostname!r}, the host of {url}")
+    if svc["spec"].get("type", "ClusterIP") != "ClusterIP":
+        problems.append(f"Service type {svc['spec']['type']}: the controller reaches it inside the cluster")
+    port = next((p for p in svc["spec"]["ports"] if p["port"] == (target.port or 6379)), None)
+    names = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    if port is None:
+        problems.append(f"the Service has no port {target.port or 6379} ({url})")
+    elif names.get(port.get("targetPort"), port.get("targetPort", port["port"])) != 6379:
+        problems.append(f"the Service's targetPort {port.get('targetPort')!r} is not the container's port 6379")
+    if not svc["spec"].get("selector") or any(labels.get(k) != v for k, v in svc["spec"]["selector"].items()):
+        problems.append(f"the Service's selector {svc['spec'].get('selector')} does not select the Redis pod {labels}")
+    if any(labels.get(k) != v for k, v in dep["spec"]["selector"]["matchLabels"].items()):
+        problems.append("the Deployment's selector does not match its own pod template")
+    if not c["image"].startswith("redis:7"):
+        problems.append(f"image {c['image']}, not redis:7")
+    args = " ".join(c.get("command", []) + c.get("args", []))
+    if "--appendonly yes" not in args:
+        problems.append(f"Redis runs without --appendonly yes: {args!r}")
+    if (c.get("readinessProbe") or {}).get("exec", {}).get("command") != ["redis-cli", "ping"]:
+        problems.append("no readiness probe `redis-cli ping`")
+    if not {"cpu", "memory"} <= set((c.get("resources") or {}).get("requests", {})):
+        problems.append("no cpu and memory requests")
+    mounts = {m["name"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/data"}
+    if not mounts & {v["name"] for v in pod["spec"].get("volumes", [])}:
+        problems.append("no volume at /data, where the append-only file is written")
+    return problems
+
+
+def test_the_recipes_redis_url_reaches_the_shipped_redis():
+    urls = _recipe_redis_urls()
+    assert {"gpu_qwen25_math_7b_dapo.yaml", "gpu_qwen25_math_7b_dapo_split.yaml"} <= set(urls)
+    docs = _redis_docs()
+    for name, url in urls.items():
+        assert _redis_problems(docs, url) == [], name
+    # the Ray pods' REDIS_URL is the same Redis
+    for where, template in _pod_templates(_load("raycluster.yaml")).items():
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        assert env.get("REDIS_URL") in set(urls.values()), where
+    # and no Ray pod is selected by the Redis Service (both carry app.kubernetes.io/name: aepo-ray)
+    selector = docs["Service"]["spec"]["selector"]
+    for where, template in _pod_templates(_load("raycluster.yaml")).items():
+        assert any(template["metadata"]["labels"].get(k) != v for k, v in selector.items()), where
+
+
+def test_redis_manifest_matches_kubernetes_core_schema(kubernetes_validate):
+    version = kubernetes_validate.latest_version()
+    for kind, doc in _redis_docs().items():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"redis.yaml {kind}: {e}")
+
+
+def test_kubernetes_validate_rejects_a_typo_in_the_redis_deployment(kubernetes_validate):
+    dep = copy.deepcopy(_redis_docs()["Deployment"])
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    c["readinesProbe"] = c.pop("readinessProbe")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(dep, kubernetes_validate.latest_version(), strict=True)
+
+
+def _redis_mutations():
+    def renamed_service(d):
+        d["Service"]["metadata"]["name"] = "redis-master"
+
+    def other_port(d):
+        d["Service"]["spec"]["ports"][0]["port"] = 6380
+
+    def wrong_target_port(d):
+        d["Service"]["spec"]["ports"][0]["targetPort"] = "http"
+
+    def selector_misses_the_pod(d):
+        d["Service"]["spec"]["selector"]["app.kubernetes.io/component"] = "cache"
+
+    def no_append_only(d):
+        d["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"] = ["redis-server"]
+
+    def no_readiness(d):
+        del d["Deployment"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+
+    def no_requests(d):
+        del d["Deployment"]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]
+
+    def no_service(d):
+        del d["Service"]
+
+    return [renamed_service, other_port, wrong_target_port, selector_misses_the_pod, no_append_only, no_readiness,
+            no_requests, no_service]
+
+
+@pytest.mark.parametrize("mutate", _redis_mutations(), ids=lambda m: m.__name__)
+def test_a_mutated_redis_manifest_no_longer_serves_the_recipe(mutate):
+    docs = copy.deepcopy(_redis_docs())
+    mutate(docs)
+    assert _redis_problems(docs, _recipe_redis_urls()["gpu_qwen25_math_7b_dapo.yaml"]), mutate.__name__
+
+
+def test_a_recipe_pointing_elsewhere_is_caught():
+    assert _redis_problems(_redis_docs(), "redis://controller-state:6379/0")
+    assert _redis_problems(_redis_docs(), "redis://redis:6380/0")

@@ -181,7 +181,7 @@ def test_json_output(capsys):
 
 
 def test_the_recipe_fits_two_h200_nodes_with_checkpointing_until_dev_shm_is_too_small(capsys, monkeypatch):
-    from services.model import plan_sync
+    from services.model import plan_host
 
     argv = [RECIPE, "learner.gradient_checkpointing=true", "--nodes", "2", "--gpus", "8", "--gpu-memory-gib", "141",
             "--cpus", "64", "--memory-gib", "1024"]
@@ -189,33 +189,33 @@ def test_the_recipe_fits_two_h200_nodes_with_checkpointing_until_dev_shm_is_too_
     assert rc == 0, out
     # one bucket file per engine at a time: 64 MiB of fp32 parameters + the embedding that closes a
     # bucket (4 x 152064 x 3584 B), in bf16: 1,123,549,184 B = 1.05 GiB; Ray may pack all 8 engines on a node
-    monkeypatch.setattr(plan_sync, "vllm_layerwise_reload", lambda: True)
+    monkeypatch.setattr(plan_host, "vllm_layerwise_reload", lambda: True)
     rc, out = run(capsys, *argv, "--shm-gib", "64")
     assert rc == 0, out
     rc, out = run(capsys, *argv, "--shm-gib", "4")
     assert rc == 1
     assert "up to 8 vLLM engines on a node write weight files (1.0 GiB each)" in out and "8.4 GiB, /dev/shm has 4.0 GiB" in out
     # a vLLM without the layerwise reload writes the whole bf16 model: 8 x 2 x 7,615,616,512 B
-    monkeypatch.setattr(plan_sync, "vllm_layerwise_reload", lambda: False)
+    monkeypatch.setattr(plan_host, "vllm_layerwise_reload", lambda: False)
     rc, out = run(capsys, *argv, "--shm-gib", "64")
     assert rc == 1 and "(14.2 GiB each)" in out and "113.5 GiB, /dev/shm has 64.0 GiB" in out
 
 
 def test_the_weight_sync_terms_follow_the_sync_dtype_and_the_bucket(monkeypatch):
     from services.cli.config_file import load_config
-    from services.model import plan_sync
+    from services.model import plan_host
     from services.model.plan_memory import PRESETS
 
-    monkeypatch.setattr(plan_sync, "vllm_layerwise_reload", lambda: None)
+    monkeypatch.setattr(plan_host, "vllm_layerwise_reload", lambda: None)
     shape = PRESETS["qwen2.5-0.5b"]
     cfg = load_config(CPU_DEFAULT, ["learner.sync_bucket_mb=16"])
-    cpu = plan_sync.sync_sizes(cfg, shape, "cpu")
+    cpu = plan_host.sync_sizes(cfg, shape, "cpu")
     # float32 on CPU (auto): 16 MiB + the embedding 4 x 151936 x 896 B; tied: its copy in each engine's file
     assert cpu.dtype_bytes == 4 and cpu.bucket == 16 * 2**20 + 4 * 151936 * 896
     assert cpu.shm_per_engine == cpu.bucket + 4 * 151936 * 896 and cpu.layerwise
-    gpu = plan_sync.sync_sizes(cfg, shape, "cuda")
+    gpu = plan_host.sync_sizes(cfg, shape, "cuda")
     assert gpu.dtype_bytes == 2 and gpu.bucket == cpu.bucket // 2
-    forced = plan_sync.sync_sizes(load_config(CPU_DEFAULT, ["learner.sync_dtype=bfloat16"]), shape, "cpu")
+    forced = plan_host.sync_sizes(load_config(CPU_DEFAULT, ["learner.sync_dtype=bfloat16"]), shape, "cpu")
     assert forced.dtype_bytes == 2
 
 

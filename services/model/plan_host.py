@@ -1,6 +1,7 @@
-"""The weight sync's memory, for `aepo plan` (services/model/plan_memory.py adds these terms).
+"""The host's memory for `aepo plan`: every role's processes, CPU learners and engines, loading,
+and the weight sync (services/model/plan_memory.py has the GPU terms and the checks).
 
-What one sync holds (services/learner/sync.py, services/backends/weight_buckets.py):
+What one weight sync holds (services/learner/sync.py, services/backends/weight_buckets.py):
   * learner rank 0, in host memory: one gathered bucket (the ranks' flat all-gather parts, moved
     to the CPU), the tensors cut out of it and their packed copy: 3 buckets;
   * the object store: this sync's packed buckets (s P bytes, s = the sync dtype's size) beside the
@@ -16,6 +17,8 @@ closes it (the embedding, V h, is the largest), in the sync dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from services.model.plan_memory import DRIVER_AND_RAY, PROCESS_BASELINE, Estimate, Findings, ModelShape
 
 _SYNC_BYTES = {"float32": 4, "bfloat16": 2}
 
@@ -73,3 +76,26 @@ def add_sync_terms(est, cfg, shape, learner_device: str, warnings: list[str]) ->
                             "reload (one bucket in /dev/shm at a time); without it each engine writes the whole "
                             f"model there, {s * shape.params / 2**30:.1f} GiB")
     return sizes
+
+
+def host_estimate(cfg, shape: ModelShape, learner_device: str, engine_on_gpu: bool, out: Findings) -> Estimate:
+    """The cluster's host memory, all nodes together: every role's processes, CPU learners and CPU
+    engines in full, GPU learners' loading (each rank reads the fp32 checkpoint into host memory
+    before moving it to its GPU), and the weight sync (`add_sync_terms`)."""
+    N, A, P = cfg.learner.num_workers, cfg.rollout.num_actors, shape.params
+    est = Estimate("host", "host")
+    procs = 1 + (cfg.reward.replicas if cfg.reward.mode == "serve" else 0)
+    procs += N if learner_device == "cuda" else 0
+    procs += A if engine_on_gpu else 0
+    est.add(f"{procs} Ray worker processes of GPU roles, reward, controller", f"{procs} x 0.45 GiB", procs * PROCESS_BASELINE)
+    est.add("the driver and Ray's own processes (assumed)", "1.5 GiB", DRIVER_AND_RAY)
+    if learner_device == "cuda":
+        est.add(f"{N} learners reading the fp32 checkpoint", "4 P N", 4 * P * N, "start")
+    else:
+        learner = out.estimates["learner"]
+        for phase in ("always", "update", "start"):
+            est.add(f"{N} CPU learners ({phase})", f"N x learner {phase}", N * learner.phase(phase), phase)
+    if not engine_on_gpu:
+        est.add(f"{A} rollout engines on the host", "A x engine", A * out.estimates["rollout"].peak)
+    est.facts["sync"] = vars(add_sync_terms(est, cfg, shape, learner_device, out.warnings))
+    return est
