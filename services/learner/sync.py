@@ -146,6 +146,57 @@ def export_buckets(model, cfg, rank: int, dtype: torch.dtype) -> Iterator[Any]:
                "aliases": tied_aliases(model)}
 
 
+def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvous, host: str | None,
+                     device: torch.device) -> dict | None:
+    """The collective transport's export (services/learner/collective.py): every rank takes part in
+    the gathers; rank 0 packs each bucket on `device` (the GPU for NCCL, else the CPU) and broadcasts
+    it to the engines, then the end mark; it returns the manifest, the others None.
+
+    A broadcast that fails (a receiver died, or never joined) stops rank 0's broadcasting, not its
+    gathers: the other ranks are in the same all-gathers and would wait on rank 0 until the learners'
+    collective timeout. The failure is reported in the manifest (`error`), for the driver to restart
+    the receivers and run the round again."""
+    from services.backends.weight_buckets import pack_flat
+    from services.learner.collective import send_bucket, send_end
+
+    count = nbytes = tensors = 0
+    error = None  # its text only: a kept exception's traceback would keep the broken group (and its sockets)
+    pg = None
+    if rank == 0:
+        try:
+            pg = member.group(rendezvous, 0, host, device)
+        except Exception as exc:  # noqa: BLE001 - reported below, after the gathers
+            error = f"{type(exc).__name__}: {exc}"
+    for part in _gathered_buckets(model, cfg, dtype):
+        if rank != 0 or error is not None:
+            continue
+        try:
+            index, data = pack_flat(part.items(), dtype, device)
+            del part
+            send_bucket(pg, index, data)
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            pg = None  # with the member's reference gone, the group closes: receivers blocked on it fail now
+            member.drop()
+            continue
+        count, nbytes, tensors = count + 1, nbytes + sum(e[4] for e in index), tensors + len(index)
+    if rank != 0:
+        return None
+    if error is None:
+        try:
+            send_end(pg, device)
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+            pg = None
+            member.drop()
+    manifest = {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
+                "aliases": tied_aliases(model), "transport": "collective"}
+    if error is not None:
+        manifest["error"] = error
+    return manifest
+
+
 def bucket_refs(generators: list, timeout_s: float) -> BucketedWeights:
     """The driver's side of a Ray export: wait until every rank's `export_weights` stream has
     finished (a dead rank is a RoleFailure, a stuck one a RoleTimeout), then take rank 0's refs
