@@ -101,8 +101,8 @@ class LearnerConfig(_Strict):
         "each bucket to Ray's object store and every actor fetches it (the refs pass through the driver "
         "unresolved). collective = learner rank 0 and every engine form one extra process group (gloo for CPU "
         "learners, NCCL on GPU, beside the learners' own) and rank 0 broadcasts each bucket while the engines "
-        "receive and load it; the same weights either way (services/learner/collective.py). Not with "
-        "rollout.engine vllm-cpu.",
+        "receive and load it (vLLM: its workers join, inside the layerwise reload); the same weights "
+        "either way, so no sample changes (services/learner/collective.py).",
     )
     sort_by_length: bool = Field(
         True,
