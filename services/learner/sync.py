@@ -26,14 +26,19 @@ toy's samples), and on GPU the checkpoint's dtype (bfloat16 for Qwen2.5; the GPU
 dtype is the checkpoint's, and rounding float32 to it on the wire or in the engine gives the same
 bits).
 
-Adding a collective transport (NCCL between learner rank 0 and the engines, as other frameworks do
-on GPU; vLLM >= 0.11 has `weight_transfer_config` engines for it): the handle stays a
-`BucketedWeights` whose `buckets` are the packed buckets' indexes and whose manifest says
-`transport: "nccl"`; rank 0 broadcasts each bucket's flat buffer in the same order as
-`export_weights` produces it, while every engine receives into a buffer of the index's size and
-loads the views (`unpack_bucket`) as it does now. Only `iter_bucket_tensors` (receive instead of
-ray.get) and the producer (broadcast instead of yield) change; the pool, its re-sync of a revived
-actor (which then needs rank 0 to broadcast again) and the engines' bucket loaders stay.
+The collective transport (`learner.sync_transport: collective`, services/learner/collective.py):
+the same buckets, broadcast instead of stored. `LearnerGroup.weight_buckets` returns a
+`CollectiveWeights` handle that carries nothing; `RolloutPool.load_weights` (through
+services/rollout/collective_sync.py) starts every learner rank's `export_weights_collective`
+(`broadcast_export` below: the same gathers, rank 0 packs each bucket, on the GPU for NCCL, and
+broadcasts it) and every rollout actor's receive together, then waits on both. Learner rank 0 and
+the engines (each vLLM worker) form one standalone group, gloo for CPU learners and NCCL on GPU,
+beside the learners' own; each bucket's index travels ahead of its flat buffer, and every engine
+receives into a buffer of the index's size and loads the views (`unpack_bucket`) before the next
+bucket, so nothing passes through the driver or the object store and no process holds the whole
+model. The pool keeps the handle; an actor that Ray restarts is re-synced by a broadcast of its own
+(learner rank 0 and that actor, in a new group; the learners still hold the synced weights, which
+the handle checks), and the next sync makes a new group of everyone.
 """
 
 from __future__ import annotations
