@@ -19,9 +19,10 @@ simply joins the next one.
 On the wire, per bucket: a header [index bytes, data bytes], the bucket's index as JSON (names,
 dtypes, shapes, offsets: small), then the packed flat buffer (services/backends/weight_buckets.py);
 a header of zeros ends the sync. Every receiver allocates a buffer of the header's size per bucket
-and hands the views to its engine before the next bucket arrives: one bucket at a time, never the
-whole model in one place, and nothing through the driver. A fresh buffer per bucket (not one reused)
-because an engine may keep views of a bucket until a layer is complete (vLLM's layerwise reload).
+and hands the views to its engine, which loads them while the next bucket arrives: at most two
+buckets per process (rank 0 packs the next while one is in flight), never the whole model in one
+place, and nothing through the driver. A fresh buffer per bucket (not one reused) because an engine
+may keep views of a bucket until a layer is complete (vLLM's layerwise reload).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import os
 import socket
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
@@ -157,41 +159,76 @@ class SyncMember:
         self.pg, self.name = None, None
 
 
-def _bcast(pg, t: torch.Tensor) -> None:
+def _bcast(pg, t: torch.Tensor, wait: bool = True):
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    pg.broadcast([t], opts).wait()
+    work = pg.broadcast([t], opts)
+    if wait:
+        work.wait()
+    return work
 
 
-def send_bucket(pg, index: list, data: torch.Tensor) -> None:
-    """Rank 0: one packed bucket (its index, then its flat buffer, on the group's device)."""
-    meta = json.dumps(index).encode()
-    _bcast(pg, torch.tensor([len(meta), data.numel()], dtype=torch.int64, device=data.device))
-    _bcast(pg, torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(data.device))
+class Sender:
+    """Rank 0's side: each packed bucket (its index, then its flat buffer) sent asynchronously, so
+    the next bucket is gathered and packed while this one travels; at most two buckets are alive
+    (the one in flight and the one being packed). `finish` sends the end mark."""
+
+    def __init__(self, pg):
+        self.pg, self._inflight = pg, None
+
+    def send(self, index: list, data: torch.Tensor) -> None:
+        meta = json.dumps(index).encode()
+        head = torch.tensor([len(meta), data.numel()], dtype=torch.int64, device=data.device)
+        meta_t = torch.frombuffer(bytearray(meta), dtype=torch.uint8).to(data.device)
+        self.wait()
+        works = [_bcast(self.pg, t, wait=False) for t in (head, meta_t, data)]
+        self._inflight = (works, (head, meta_t, data))  # the tensors stay alive until their sends end
+
+    def wait(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            for work in inflight[0]:
+                work.wait()
+
+    def finish(self, device: torch.device) -> None:
+        self.wait()
+        _bcast(self.pg, torch.zeros(2, dtype=torch.int64, device=device))
+
+
+def _receive_one(pg, device: torch.device):
+    """The next bucket ({index, data}) or None at the end mark."""
+    head = torch.empty(2, dtype=torch.int64, device=device)
+    _bcast(pg, head)
+    meta_len, data_len = (int(x) for x in head.tolist())
+    if meta_len == 0:
+        return None
+    meta = torch.empty(meta_len, dtype=torch.uint8, device=device)
+    _bcast(pg, meta)
+    index = json.loads(meta.cpu().numpy().tobytes())
+    data = torch.empty(data_len, dtype=torch.uint8, device=device)
     _bcast(pg, data)
-
-
-def send_end(pg, device: torch.device) -> None:
-    _bcast(pg, torch.zeros(2, dtype=torch.int64, device=device))
+    return {"index": index, "data": data}
 
 
 def receive_buckets(pg, device: torch.device) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """A receiver: each bucket's (name, tensor) views, in the sender's order, until the end header."""
-    while True:
-        head = torch.empty(2, dtype=torch.int64, device=device)
-        _bcast(pg, head)
-        meta_len, data_len = (int(x) for x in head.tolist())
-        if meta_len == 0:
-            return
-        meta = torch.empty(meta_len, dtype=torch.uint8, device=device)
-        _bcast(pg, meta)
-        index = json.loads(meta.cpu().numpy().tobytes())
-        data = torch.empty(data_len, dtype=torch.uint8, device=device)
-        _bcast(pg, data)
-        yield unpack_bucket({"index": index, "data": data})
-        del data
+    """A receiver: each bucket's (name, tensor) views, in the sender's order, until the end mark.
 
-
+    On CPU (gloo, whose waits block the calling thread) the next bucket is received on a thread
+    while the caller loads this one: two buckets held at most, as `iter_bucket_tensors` does. On
+    GPU (NCCL) a wait only orders the CUDA streams, so the receives already overlap the loads."""
+    if device.type != "cpu":
+        while (bucket := _receive_one(pg, device)) is not None:
+            yield unpack_bucket(bucket)
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-recv") as receiver:
+        nxt = receiver.submit(_receive_one, pg, device)
+        while True:
+            bucket = nxt.result()
+            if bucket is None:
+                return
+            nxt = receiver.submit(_receive_one, pg, device)
+            yield unpack_bucket(bucket)
+            del bucket
 def receive_weights(member: SyncMember, ticket: SyncTicket, device: torch.device,
                     load: Callable[[Iterable[list[tuple[str, torch.Tensor]]]], None]) -> int:
     """A receiver's whole sync: join (if needed), feed the received buckets to `load` (an engine's

@@ -162,14 +162,14 @@ def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvo
     collective timeout. The failure is reported in the manifest (`error`), for the driver to restart
     the receivers and run the round again."""
     from services.backends.weight_buckets import pack_flat
-    from services.learner.collective import send_bucket, send_end
+    from services.learner.collective import Sender
 
     count = nbytes = tensors = 0
     error = None  # its text only: a kept exception's traceback would keep the broken group (and its sockets)
-    pg = None
+    sender = None
     if rank == 0:
         try:
-            pg = member.group(rendezvous, 0, host, device)
+            sender = Sender(member.group(rendezvous, 0, host, device))
         except Exception as exc:  # noqa: BLE001 - reported below, after the gathers
             error = f"{type(exc).__name__}: {exc}"
     for part in _gathered_buckets(model, cfg, dtype):
@@ -178,11 +178,11 @@ def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvo
         try:
             index, data = pack_flat(part.items(), dtype, device)
             del part
-            send_bucket(pg, index, data)
+            sender.send(index, data)  # waits for the previous bucket's sends first
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
         if error is not None:
-            pg = None  # with the member's reference gone, the group closes: receivers blocked on it fail now
+            sender = None  # with the member's reference gone, the group closes: receivers blocked on it fail now
             member.drop()
             continue
         count, nbytes, tensors = count + 1, nbytes + sum(e[4] for e in index), tensors + len(index)
@@ -190,10 +190,10 @@ def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvo
         return None
     if error is None:
         try:
-            send_end(pg, device)
+            sender.finish(device)
         except Exception as exc:  # noqa: BLE001
             error = f"{type(exc).__name__}: {exc}"
-            pg = None
+            sender = None
             member.drop()
     manifest = {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
                 "aliases": tied_aliases(model), "transport": "collective"}

