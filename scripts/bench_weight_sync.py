@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_weight_sync.py                       # every case (about 10 min, ~20 GB RAM)
     .venv/bin/python scripts/bench_weight_sync.py --cases 0.5b-real     # the real actors at 0.5B only
     .venv/bin/python scripts/bench_weight_sync.py --cases 7b-pair --object-store-gb 8
+    .venv/bin/python scripts/bench_weight_sync.py --cases 0.5b-real --transports   # object store vs collective
 
 One learner rank and one rollout actor in a local Ray on 127.0.0.1, random weights:
 
@@ -11,7 +12,10 @@ One learner rank and one rollout actor in a local Ray on 127.0.0.1, random weigh
   intermediate 4864, vocab 151936, tied embeddings; 494 M parameters), the real `LearnerGroup`
   (1 FSDP rank) and `RolloutPool` (1 hf actor, float32 as on CPU). Paths: `current` = the float32
   full dict as one object (`state_dict_ref`, what the trainer synced with before), `buckets` = the
-  bucketed export (`weight_buckets`) in float32 (the CPU default) and in bfloat16.
+  bucketed export (`weight_buckets`) in float32 (the CPU default) and in bfloat16. With
+  `--transports`: the bucketed sync through the object store (A) against the collective transport
+  (B, `learner.sync_transport: collective`: rank 0 broadcasts each bucket to the engine over gloo),
+  same learners and engine, A/B/B/A blocks, medians.
 * `0.5b-pair`, `7b-pair`: the transport alone, with a minimal actor pair that mimics the real
   methods (so say the figures): `ShapedLearner.export_weights` makes each parameter's float32
   tensor lazily (random, timed apart and left out), casts and packs it into buckets with the real
@@ -124,14 +128,15 @@ def build_model_dir(shape: dict, root: Path) -> str:
 
 
 def time_sync(group, pool, way: str, version: int) -> dict:
-    """One sync the way the trainer does it: export (the driver gets a handle), then the pool's load."""
+    """One sync the way the trainer does it: export (the driver gets a handle), then the pool's load.
+    The collective handle carries nothing: its export_s is ~0 and the broadcast is inside load_s."""
     t0 = time.perf_counter()
     handle = group.state_dict_ref() if way == "current" else group.weight_buckets()
     t1 = time.perf_counter()
     stats = pool.load_weights(version, handle)
     t2 = time.perf_counter()
-    refs = [handle] if way == "current" else handle.buckets
-    stored = store_bytes(refs)
+    refs = [handle] if way == "current" else getattr(handle, "buckets", [])
+    stored = store_bytes(refs) if refs else 0
     return {"export_s": t1 - t0, "load_s": stats["sync_s"], "engine_s": stats["engine_sync_s"], "total_s": t2 - t0,
             "bytes": int(stats.get("sync_bytes", stored)), "store_bytes": stored, "objects": len(refs)}
 
@@ -146,6 +151,27 @@ def summarize(case: dict, runs: list[dict]) -> dict:
     return row
 
 
+def bench_transports(args, case: str, group, pool, dtype: str, version: int) -> int:
+    """The bucketed sync through the object store (A) and through the collective (B) on the same
+    learners and engine, interleaved A/B/B/A per block so that drift (page cache, the other work on
+    the machine) falls on both alike; one warm-up of each, then medians over --repeats blocks."""
+    runs: dict[str, list] = {"object_store": [], "collective": []}
+    order = ["object_store", "collective"] + ["object_store", "collective", "collective", "object_store"] * args.repeats
+    base = group.cfg
+    for i, transport in enumerate(order):
+        group.cfg = base.model_copy(update={"sync_transport": transport})  # read on the driver only
+        version += 1
+        run = time_sync(group, pool, "buckets", version)
+        if i >= 2:  # the first of each is a warm-up
+            runs[transport].append(run)
+    group.cfg = base
+    for transport, rs in runs.items():
+        emit(summarize({"case": case, "path": "buckets", "transport": transport, "dtype": dtype, "order": "A/B/B/A",
+                        "actors": f"LearnerGroup({group.world_size} rank) -> RolloutPool(1 hf actor, float32)",
+                        "bucket_mb": args.bucket_mb}, rs))
+    return version
+
+
 def bench_real(args, case: str, path: str, workers: int, cpus: float) -> None:
     """The real actors: `workers` learner ranks and one hf rollout actor (float32, as on CPU)."""
     from services.config import GRPOConfig, LearnerConfig, RecoveryConfig, RolloutConfig
@@ -154,6 +180,15 @@ def bench_real(args, case: str, path: str, workers: int, cpus: float) -> None:
 
     recovery = RecoveryConfig(sync_timeout_s=1800, start_timeout_s=1800)
     pool = RolloutPool(path, RolloutConfig(engine="hf", num_actors=1, cpus_per_actor=cpus), seed=0, recovery=recovery)
+    if args.transports:  # object store against collective, A/B/B/A, per sync dtype
+        for dtype in args.dtypes.split(","):
+            cfg = LearnerConfig(num_workers=workers, cpus_per_worker=cpus / workers, device="cpu",
+                                sync_bucket_mb=args.bucket_mb, sync_dtype=dtype)
+            group = LearnerGroup(path, cfg, GRPOConfig(), seed=0, recovery=recovery)
+            bench_transports(args, case, group, pool, dtype, 0)
+            group.shutdown()
+        pool.shutdown()
+        return
     version = 0
     plan = [("float32", [w for w in ("current", "buckets") if w in args.paths]),
             ("bfloat16", ["buckets"] if "buckets" in args.paths else [])]
@@ -314,6 +349,10 @@ def parse_args() -> argparse.Namespace:
                    help="real cases: the float32 full dict (current) and/or the buckets (default both)")
     p.add_argument("--repeats", type=int, default=3, help="timed syncs per real case, after one warm-up (default 3)")
     p.add_argument("--pair-repeats", type=int, default=1, help="timed syncs per pair case, after one warm-up (default 1)")
+    p.add_argument("--transports", action="store_true",
+                   help="real cases: the bucketed sync through the object store against the collective "
+                        "(learner.sync_transport), A/B/B/A, instead of --paths")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="with --transports: the sync dtypes (default both)")
     p.add_argument("--bucket-mb", type=int, default=64, help="learner.sync_bucket_mb (default 64)")
     p.add_argument("--slice-gb", type=float, default=4.0, help="7B: bf16 GB of buckets synced per slice (default 4)")
     p.add_argument("--object-store-gb", type=float, default=8.0, help="the local Ray's object store (default 8)")

@@ -9,8 +9,9 @@ of that buffer: no copy on the receiving side until the engine copies them into 
 ObjectRefs on the Ray backend, which the driver never resolves; the buckets themselves in one
 process) and a small manifest. `iter_bucket_tensors` is the receiving side: it resolves one
 bucket at a time (ray.get inside the rollout actor, the next one fetched while the current one
-loads), so a rollout actor holds two buckets, never the whole model. How a collective transport would slot in:
-services/learner/sync.py.
+loads), so a rollout actor holds two buckets, never the whole model. The collective transport
+(`learner.sync_transport: collective`, services/learner/collective.py) sends the same packed
+buffers by broadcast instead, with the index beside each, and the engines unpack them the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +45,14 @@ class BucketedWeights:
 def pack_bucket(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None) -> dict:
     """One bucket: {"index": [(name, dtype, shape, offset, nbytes)], "data": uint8 array}.
     Floating-point tensors are written as `dtype` (None: as they are); others unchanged."""
+    index, data = pack_flat(tensors, dtype)
+    return {"index": index, "data": data.numpy()}
+
+
+def pack_flat(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu") -> tuple[list[tuple], torch.Tensor]:
+    """`pack_bucket`'s index and its buffer as a uint8 tensor on `device` (the collective transport
+    packs on the learner's GPU, so NCCL sends the bucket without a trip through host memory)."""
     items = []
     offset = 0
     for name, t in tensors:
@@ -51,25 +60,28 @@ def pack_bucket(tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype 
         nbytes = t.numel() * torch.empty((), dtype=out_dtype).element_size()
         items.append((name, t, out_dtype, offset, nbytes))
         offset += -(-nbytes // ALIGN) * ALIGN
-    data = torch.empty(offset, dtype=torch.uint8)
+    data = torch.empty(offset, dtype=torch.uint8, device=device)
     index = []
     for name, t, out_dtype, off, nbytes in items:
         if nbytes:
             data[off : off + nbytes].view(out_dtype).view(t.shape).copy_(t.detach())
         index.append((name, str(out_dtype).removeprefix("torch."), tuple(t.shape), off, nbytes))
-    return {"index": index, "data": data.numpy()}
+    return index, data
 
 
 def unpack_bucket(bucket: dict) -> list[tuple[str, torch.Tensor]]:
     """The bucket's tensors as views of its buffer (read-only when the buffer is Ray's: copy them
-    into a model, do not write to them)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        data = torch.from_numpy(bucket["data"])
+    into a model, do not write to them). `data` is a numpy array, or a uint8 tensor (a bucket
+    received through the collective, on the receiver's device)."""
+    data = bucket["data"]
+    if not isinstance(data, torch.Tensor):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            data = torch.from_numpy(data)
     out = []
     for name, dtype, shape, off, nbytes in bucket["index"]:
         dt = getattr(torch, dtype)
-        t = data[off : off + nbytes].view(dt).view(shape) if nbytes else torch.empty(shape, dtype=dt)
+        t = data[off : off + nbytes].view(dt).view(shape) if nbytes else torch.empty(shape, dtype=dt, device=data.device)
         out.append((name, t))
     return out
 

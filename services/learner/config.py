@@ -95,6 +95,15 @@ class LearnerConfig(_Strict):
         "compute in by default, so no sample changes: float32 for CPU learners, the checkpoint's dtype (bfloat16 "
         "for Qwen2.5) on GPU. bfloat16 on CPU halves the bytes but rounds the float32 engines' weights.",
     )
+    sync_transport: Literal["object_store", "collective"] = Field(
+        "object_store",
+        description="Weight sync: how the buckets reach the rollout engines. object_store = learner rank 0 writes "
+        "each bucket to Ray's object store and every actor fetches it (the refs pass through the driver "
+        "unresolved). collective = learner rank 0 and every engine form one extra process group (gloo for CPU "
+        "learners, NCCL on GPU, beside the learners' own) and rank 0 broadcasts each bucket while the engines "
+        "receive and load it (vLLM: its workers join, inside the layerwise reload); the same weights "
+        "either way, so no sample changes (services/learner/collective.py).",
+    )
     sort_by_length: bool = Field(
         True,
         description="Order each mini-batch's rows by length before cutting micro-batches, so each micro-batch "

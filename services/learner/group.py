@@ -50,6 +50,7 @@ class LearnerGroup:
         wait_all([w.setup.remote(addr, port, rc.collective_timeout_s) for w in self.workers], rc.start_timeout_s,
                  "learner", "learners joining the process group and loading the model")
         self.compute = self._fan_out("compute_info")[0]
+        self.updates = 0  # weight changes so far: a kept collective handle is valid only while it stands
 
     def _fan_out(self, method: str, *per_rank_args, timeout_s: float | None = None) -> list[Any]:
         if per_rank_args:
@@ -69,6 +70,7 @@ class LearnerGroup:
         """
         shards = shard_for_ranks(batch, self.world_size, self.cfg)
         n = self.world_size
+        self.updates += 1
         return self._fan_out("update", shards, [step] * n, [controller] * n, [levers] * n)[0]
 
     def compute_logprobs(self, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -93,9 +95,14 @@ class LearnerGroup:
     def weight_buckets(self):
         """The weight sync's handle (`BucketedWeights`): rank 0's buckets, each written to the object
         store by rank 0 itself, as refs the driver never resolves (services/learner/sync.py); pass
-        it to `RolloutPool.load_weights`. `state_dict_ref` is the one-float32-object way."""
+        it to `RolloutPool.load_weights`. `state_dict_ref` is the one-float32-object way. With
+        `sync_transport: collective` a `CollectiveWeights` instead: the pool runs the broadcast."""
+        from services.learner.collective import CollectiveWeights
         from services.learner.sync import bucket_refs
 
+        if self.cfg.sync_transport == "collective":  # sent when the pool receives: services/learner/collective.py
+            backend = "nccl" if self.device == "cuda" else "gloo"
+            return CollectiveWeights(self, self.updates, {"transport": "collective", "backend": backend})
         return bucket_refs([w.export_weights.remote() for w in self.workers], self.recovery.sync_timeout_s)
 
     def get_full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -118,6 +125,7 @@ class LearnerGroup:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore model + optimizer state saved by `save_checkpoint`."""
+        self.updates += 1
         self._fan_out("load_checkpoint", [os.path.abspath(path)] * self.world_size)
 
     def pids(self) -> list[int]:

@@ -26,14 +26,19 @@ toy's samples), and on GPU the checkpoint's dtype (bfloat16 for Qwen2.5; the GPU
 dtype is the checkpoint's, and rounding float32 to it on the wire or in the engine gives the same
 bits).
 
-Adding a collective transport (NCCL between learner rank 0 and the engines, as other frameworks do
-on GPU; vLLM >= 0.11 has `weight_transfer_config` engines for it): the handle stays a
-`BucketedWeights` whose `buckets` are the packed buckets' indexes and whose manifest says
-`transport: "nccl"`; rank 0 broadcasts each bucket's flat buffer in the same order as
-`export_weights` produces it, while every engine receives into a buffer of the index's size and
-loads the views (`unpack_bucket`) as it does now. Only `iter_bucket_tensors` (receive instead of
-ray.get) and the producer (broadcast instead of yield) change; the pool, its re-sync of a revived
-actor (which then needs rank 0 to broadcast again) and the engines' bucket loaders stay.
+The collective transport (`learner.sync_transport: collective`, services/learner/collective.py):
+the same buckets, broadcast instead of stored. `LearnerGroup.weight_buckets` returns a
+`CollectiveWeights` handle that carries nothing; `RolloutPool.load_weights` (through
+services/rollout/collective_sync.py) starts every learner rank's `export_weights_collective`
+(`broadcast_export` below: the same gathers, rank 0 packs each bucket, on the GPU for NCCL, and
+broadcasts it) and every rollout actor's receive together, then waits on both. Learner rank 0 and
+the engines (each vLLM worker) form one standalone group, gloo for CPU learners and NCCL on GPU,
+beside the learners' own; each bucket's index travels ahead of its flat buffer, and every engine
+receives into a buffer of the index's size and loads the views (`unpack_bucket`) before the next
+bucket, so nothing passes through the driver or the object store and no process holds the whole
+model. The pool keeps the handle; an actor that Ray restarts is re-synced by a broadcast of its own
+(learner rank 0 and that actor, in a new group; the learners still hold the synced weights, which
+the handle checks), and the next sync makes a new group of everyone.
 """
 
 from __future__ import annotations
@@ -144,6 +149,57 @@ def export_buckets(model, cfg, rank: int, dtype: torch.dtype) -> Iterator[Any]:
     if rank == 0:
         yield {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
                "aliases": tied_aliases(model)}
+
+
+def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvous, host: str | None,
+                     device: torch.device) -> dict | None:
+    """The collective transport's export (services/learner/collective.py): every rank takes part in
+    the gathers; rank 0 packs each bucket on `device` (the GPU for NCCL, else the CPU) and broadcasts
+    it to the engines, then the end mark; it returns the manifest, the others None.
+
+    A broadcast that fails (a receiver died, or never joined) stops rank 0's broadcasting, not its
+    gathers: the other ranks are in the same all-gathers and would wait on rank 0 until the learners'
+    collective timeout. The failure is reported in the manifest (`error`), for the driver to restart
+    the receivers and run the round again."""
+    from services.backends.weight_buckets import pack_flat
+    from services.learner.collective import Sender
+
+    count = nbytes = tensors = 0
+    error = None  # its text only: a kept exception's traceback would keep the broken group (and its sockets)
+    sender = None
+    if rank == 0:
+        try:
+            sender = Sender(member.group(rendezvous, 0, host, device))
+        except Exception as exc:  # noqa: BLE001 - reported below, after the gathers
+            error = f"{type(exc).__name__}: {exc}"
+    for part in _gathered_buckets(model, cfg, dtype):
+        if rank != 0 or error is not None:
+            continue
+        try:
+            index, data = pack_flat(part.items(), dtype, device)
+            del part
+            sender.send(index, data)  # waits for the previous bucket's sends first
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+        if error is not None:
+            sender = None  # with the member's reference gone, the group closes: receivers blocked on it fail now
+            member.drop()
+            continue
+        count, nbytes, tensors = count + 1, nbytes + sum(e[4] for e in index), tensors + len(index)
+    if rank != 0:
+        return None
+    if error is None:
+        try:
+            sender.finish(device)
+        except Exception as exc:  # noqa: BLE001
+            error = f"{type(exc).__name__}: {exc}"
+            sender = None
+            member.drop()
+    manifest = {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
+                "aliases": tied_aliases(model), "transport": "collective"}
+    if error is not None:
+        manifest["error"] = error
+    return manifest
 
 
 def bucket_refs(generators: list, timeout_s: float) -> BucketedWeights:

@@ -29,7 +29,7 @@ from services.learner.forward import SUM_KEYS, ForwardSpec, add_sums, collect, r
 from services.learner.head import check_plain_head
 from services.learner.prefix import layered_cache_supported
 from services.learner.stats import entropy_stats, finish_stats
-from services.learner.sync import export_buckets, full_state, resolve_sync_dtype
+from services.learner.sync import broadcast_export, export_buckets, full_state, resolve_sync_dtype
 
 
 def _publish(controller: ControllerClient, step: int | None, stats: dict) -> None:
@@ -64,6 +64,7 @@ class LearnerWorker:
             # one thread per reserved CPU: two learners sharing a core must not oversubscribe it
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         self.model = self.optimizer = None
+        self._sync_member = None  # rank 0's place in the weight-sync group (collective transport), joined on use
         # Clip-Cov's random token choice; seeded per rank so reruns repeat
         self.generator = torch.Generator().manual_seed(seed + 1000 * rank)
 
@@ -255,6 +256,19 @@ class LearnerWorker:
         dtype = resolve_sync_dtype(self.cfg.sync_dtype, self.device, self.model_path)
         yield from export_buckets(self.model, self.cfg, self.rank, dtype)
 
+    def export_weights_collective(self, rendezvous) -> dict | None:
+        """Weight sync through the collective (`sync_transport: collective`): rank 0 broadcasts the
+        buckets to the rollout engines in the group `rendezvous` names, joining it first if it is a
+        new one, and returns the manifest; a collective over the learners too (the gathers)."""
+        from services.learner.collective import SyncMember, node_ip
+
+        if self._sync_member is None:
+            self._sync_member = SyncMember()
+        dtype = resolve_sync_dtype(self.cfg.sync_dtype, self.device, self.model_path)
+        device = self.device if rendezvous.backend == "nccl" else torch.device("cpu")
+        return broadcast_export(self.model, self.cfg, self.rank, dtype, self._sync_member, rendezvous,
+                                node_ip(), device)
+
     def save_checkpoint(self, path: str) -> dict[str, int]:
         """Sharded model + optimizer state and this rank's RNGs (Clip-Cov's generator, torch's);
         returns {file name: bytes} of the files this rank wrote, fsynced, for the driver's manifest."""
@@ -267,6 +281,8 @@ class LearnerWorker:
         load_rank_state(path, self.rank, self.generator)
 
     def shutdown(self) -> None:
-        """Leave the process group."""
+        """Leave the process group (and the weight-sync group)."""
+        if self._sync_member is not None:
+            self._sync_member.drop()
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,7 +1,8 @@
 """The rollout pool (driver side): `num_actors` RolloutService Ray actors; prompts split, weights broadcast.
 
 An actor that dies is restarted by Ray and, before it serves again, re-synced by the pool to the
-weights of the current policy version (the pool keeps their bucket refs); its share of the
+weights of the current policy version (the pool keeps their bucket refs; with the collective
+transport, learner rank 0 broadcasts them again to that actor in a new group); its share of the
 call is then run again with the same seed, so the samples are the ones it would have drawn.
 Every sample's `policy_version` is checked against the pool's: an engine that serves other
 weights than the driver's is an error, never a silent off-policy batch.
@@ -46,6 +47,7 @@ class RolloutPool:
         self.recovery = recovery or RecoveryConfig()
         self.version, self._weights = 0, None  # what a restarted actor is re-synced to
         self.restarts = 0  # actors revived in place (restarted by Ray, re-synced)
+        self._rounds = None  # the weight-sync group of the collective transport (collective_sync.py), made on use
         self.actors = [self._spawn(i) for i in range(cfg.num_actors)]
         wait_all([a.ready.remote() for a in self.actors], self.recovery.start_timeout_s, "rollout", "rollout actors starting")
 
@@ -100,9 +102,25 @@ class RolloutPool:
 
     def _revive(self, a: int) -> dict | None:
         """Actor `a` restarted (by Ray, or here when it is beyond restarting) and on the current
-        weights; returns that re-sync's stats (None while the pool is on the initial weights)."""
+        weights; returns that re-sync's stats (None while the pool is on the initial weights). With
+        the collective transport the re-sync is a round of its own: learner rank 0 and this actor,
+        in a new group (the next full sync makes another with every actor)."""
+        from services.learner.collective import is_collective
+
+        self._restart(a)
+        if self._weights is None:
+            return None
+        if is_collective(self._weights):
+            return self._collective().run(self._weights, self.actors, [a], self.version, self._restart)[0]
+        return get_one(self.actors[a].load_weights.remote(self.version, self._weights), self.recovery.sync_timeout_s,
+                       "rollout", f"rollout actor {a}: re-sync to policy version {self.version}")
+
+    def _restart(self, a: int) -> None:
+        """Actor `a` running again: restarted by Ray, or replaced here when it is beyond restarting."""
         import ray
 
+        if self._rounds is not None:
+            self._rounds.forget()  # its old process's group is gone: the next round makes a new one
         try:
             get_one(self.actors[a].ready.remote(), self.recovery.start_timeout_s, "rollout", f"rollout actor {a} restarting")
         except RoleFailure:  # hung, or out of restarts: replace it
@@ -110,10 +128,13 @@ class RolloutPool:
             self.actors[a] = self._spawn(a)
             get_one(self.actors[a].ready.remote(), self.recovery.start_timeout_s, "rollout", f"rollout actor {a} replaced")
         self.restarts += 1
-        if self._weights is None:
-            return None
-        return get_one(self.actors[a].load_weights.remote(self.version, self._weights), self.recovery.sync_timeout_s,
-                       "rollout", f"rollout actor {a}: re-sync to policy version {self.version}")
+
+    def _collective(self):
+        from services.rollout.collective_sync import CollectiveRounds
+
+        if self._rounds is None:
+            self._rounds = CollectiveRounds(self.recovery.sync_timeout_s)
+        return self._rounds
 
     def _check_versions(self, batches: list[list[Sample]]) -> None:
         stale = {s.policy_version for batch in batches for s in batch if s.policy_version != self.version}
@@ -131,18 +152,30 @@ class RolloutPool:
 
     def load_weights(self, version: int, weights) -> dict[str, float]:
         """Broadcast weights to every actor; returns sync stats. `weights`: a `BucketedWeights` (the
-        learners' bucket refs, passed as they are: each actor fetches the buckets itself), or a state
-        dict or an ObjectRef to one. The pool keeps the handle (the bucket refs, so the buckets stay
+        learners' bucket refs, passed as they are: each actor fetches the buckets itself), a
+        `CollectiveWeights` (learner rank 0 broadcasts to the actors: services/rollout/collective_sync.py),
+        or a state dict or an ObjectRef to one. The pool keeps the handle (the bucket refs, so the buckets stay
         in the object store) to re-sync an actor that restarts later."""
         import ray
 
         from services.backends.weight_buckets import is_bucketed
+        from services.learner.collective import is_collective
 
+        if is_collective(weights):  # learner rank 0 broadcasts, every actor receives: one round
+            t0 = time.perf_counter()
+            self.version, self._weights = int(version), weights
+            per_actor = self._collective().run(weights, self.actors, list(range(len(self.actors))), self.version,
+                                               self._restart)
+            return self._sync_stats(t0, version, per_actor)
         ref = weights if isinstance(weights, ray.ObjectRef) or is_bucketed(weights) else ray.put(weights)
         t0 = time.perf_counter()
         pending = [self._send(a, "load_weights", version, ref) for a in range(len(self.actors))]
         self.version, self._weights = int(version), ref  # an actor revived below must get these weights
         per_actor = [self._finish(a, p) for a, p in enumerate(pending)]
+        return self._sync_stats(t0, version, per_actor)
+
+    @staticmethod
+    def _sync_stats(t0: float, version: int, per_actor: list[dict]) -> dict[str, float]:
         return {
             "sync_s": time.perf_counter() - t0,
             "engine_sync_s": max(r["sync_s"] for r in per_actor),

@@ -8,8 +8,9 @@ temperatures: the GRPO batch at T=1 and the AEPO regularizer batch at T_reg are 
 Weight sync: after each learner update the driver hands the new weights to `load_weights(version,
 weights)`: a `BucketedWeights` from `LearnerGroup.weight_buckets()`, whose buckets learner rank 0
 wrote to Ray's object store itself; this actor fetches them one at a time and its engine loads
-each before the next (services/learner/sync.py). Samples carry the policy version they were
-drawn from.
+each before the next (services/learner/sync.py). With `learner.sync_transport: collective` it gets
+a `SyncTicket` instead and receives the buckets through a broadcast from learner rank 0
+(services/learner/collective.py). Samples carry the policy version they were drawn from.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class RolloutService:
 
     def ready(self) -> dict[str, Any]:
         """The engine's name and policy version (a cheap call to await actor start-up)."""
-        return {"engine": self.engine.name, "policy_version": self.version}
+        return {"engine": self.engine.name, "policy_version": self.version,
+                "sync_ranks": getattr(self.engine, "sync_ranks", 1)}  # its members in a weight-sync group
 
     def generate(
         self,
@@ -152,15 +154,20 @@ class RolloutService:
 
     def load_weights(self, version: int, weights: Any) -> dict[str, float]:
         """Swap in the learner's weights: a `BucketedWeights` (its buckets fetched and loaded one
-        at a time; services/backends/weight_buckets.py), or a whole state dict (HF names; tensors,
+        at a time; services/backends/weight_buckets.py), a `SyncTicket` (the buckets received
+        through the weight-sync group, one at a time, as learner rank 0 broadcasts them;
+        services/learner/collective.py), or a whole state dict (HF names; tensors,
         or the numpy arrays `LearnerGroup.state_dict_ref` ships). Returns {'sync_s',
         'policy_version', 'sync_bytes'}."""
         from services.backends.weight_buckets import is_bucketed, iter_bucket_tensors
         from services.backends.wire import from_wire
+        from services.learner.collective import SyncTicket, with_host
 
         t0 = time.perf_counter()
         self.engine.wake_up()  # weights are written into an awake engine (level 1 keeps a host copy)
-        if is_bucketed(weights):
+        if isinstance(weights, SyncTicket):  # learner rank 0 broadcasts them meanwhile
+            nbytes = self.engine.receive_weight_buckets(with_host(weights))
+        elif is_bucketed(weights):
             self.engine.load_weight_buckets(iter_bucket_tensors(weights))
             nbytes = weights.nbytes
         else:

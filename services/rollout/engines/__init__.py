@@ -59,6 +59,12 @@ class Engine(Protocol):
         (`lm_head.weight` of a tied model) is absent and the engine restores it."""
         ...
 
+    def receive_weight_buckets(self, ticket) -> int:
+        """`load_weight_buckets` fed by the weight-sync group (`learner.sync_transport: collective`):
+        join the group the `SyncTicket` names, unless already in it, and load each bucket learner
+        rank 0 broadcasts as it arrives; returns the tensor bytes received."""
+        ...
+
     def close(self) -> None:
         """Release the engine's processes and memory."""
         ...

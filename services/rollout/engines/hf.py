@@ -255,6 +255,16 @@ class HFEngine:
         the way); a tied alias shares its storage with the weight it is tied to, so it is covered."""
         copy_into(self.model, buckets)
 
+    def receive_weight_buckets(self, ticket) -> int:
+        """The collective transport: join the weight-sync group if the ticket names a new one, then
+        load each bucket as it is received (`load_weight_buckets`); returns the bytes received."""
+        from services.learner.collective import SyncMember, receive_weights
+
+        if getattr(self, "_sync_member", None) is None:
+            self._sync_member = SyncMember()
+        device = torch.device("cpu") if ticket.rendezvous.backend == "gloo" else torch.device(self.device)
+        return receive_weights(self._sync_member, ticket, device, self.load_weight_buckets)
+
     def sleep(self) -> None:
         """On a GPU, move the weights to host memory (the learners need the device); on CPU nothing."""
         if self.device != "cpu" and self.model is not None:
@@ -266,8 +276,10 @@ class HFEngine:
             self.model.to(self.device)
 
     def close(self) -> None:
-        """Drop the model (frees GPU memory when on CUDA)."""
+        """Drop the model (frees GPU memory when on CUDA) and leave the weight-sync group."""
         self.model = None
+        if getattr(self, "_sync_member", None) is not None:
+            self._sync_member.drop()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

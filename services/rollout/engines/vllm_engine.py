@@ -182,6 +182,22 @@ class VLLMEngine:
             shutil.rmtree(push_dir, ignore_errors=True)
         self.llm.reset_prefix_cache()
 
+    @property
+    def sync_ranks(self) -> int:
+        """Members this engine puts in a weight-sync group: one per vLLM worker (each loads every weight)."""
+        return int(self.llm.llm_engine.vllm_config.parallel_config.world_size)
+
+    def receive_weight_buckets(self, ticket) -> int:
+        """The collective transport: every worker joins the weight-sync group and loads the buckets
+        learner rank 0 broadcasts, inside one layerwise reload (vllm_reload.py `aepo_receive`);
+        returns the bytes one worker received."""
+        if not self.bucketed:
+            raise RuntimeError("learner.sync_transport collective needs vLLM's layerwise reload (vLLM >= 0.11); "
+                               "use sync_transport object_store with this vLLM")
+        received = self.llm.collective_rpc("aepo_receive", args=(ticket.as_dict(), self.tied))
+        self.llm.reset_prefix_cache()
+        return int(received[0])
+
     def _write_bucket(self, push_dir: str, k: int, bucket: list[tuple[str, torch.Tensor]]) -> str:
         from safetensors.torch import save_file
 

@@ -195,7 +195,8 @@ def test_the_digest_leaves_out_speed_only_settings_and_nothing_else():
             value = flipped[section][k]
             flipped[section][k] = (not value if isinstance(value, bool) else ["tensorboard"] if isinstance(value, list)
                                    else {"node_a": 1.0} if isinstance(value, dict)
-                                   else "/tmp/hf-cache" if k == "cache_dir" else 1)
+                                   else "/tmp/hf-cache" if k == "cache_dir"
+                                   else "collective" if k == "sync_transport" else 1)
     assert config_digest(flipped) == config_digest(cfg)
     other = json.loads(json.dumps(cfg))
     other["learner"]["lr"] = 2e-4

