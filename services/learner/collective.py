@@ -229,6 +229,8 @@ def receive_buckets(pg, device: torch.device) -> Iterator[list[tuple[str, torch.
             nxt = receiver.submit(_receive_one, pg, device)
             yield unpack_bucket(bucket)
             del bucket
+
+
 def receive_weights(member: SyncMember, ticket: SyncTicket, device: torch.device,
                     load: Callable[[Iterable[list[tuple[str, torch.Tensor]]]], None]) -> int:
     """A receiver's whole sync: join (if needed), feed the received buckets to `load` (an engine's
