@@ -142,7 +142,7 @@ def load_spec(path: str | Path) -> ExperimentSpec:
 # computes (each speed switch has a test that the update or the samples are the same either way):
 # left out of the digest, so that adding or flipping one does not orphan finished runs.
 SPEED_ONLY = {"learner": ("fast_gather", "sync_bucket_mb", "sync_transport", "sort_by_length", "share_prefix",
-                          "hold_full_params", "resources", "chunked_head"),
+                          "hold_full_params", "resources", "chunked_head", "remove_padding"),
               "trainer": ("export_policy", "loggers", "save_every_seconds"),
               # where a role's actors run and where a hub model is cached: not what they compute
               "rollout": ("resources",), "reward": ("resources",), "controller": ("resources",), "model": ("cache_dir",)}

@@ -86,27 +86,29 @@ class TrainBatch:
         return TrainBatch(*(torch.cat([getattr(self, f.name), getattr(pad, f.name)]) for f in fields(self)))
 
 
-def micro_batches(batch: TrainBatch, size: int, max_tokens: int | None = None) -> list[TrainBatch]:
+def micro_batches(batch: TrainBatch, size: int, max_tokens: int | None = None, packed: bool = False) -> list[TrainBatch]:
     """Consecutive slices of `size` rows (the last one shorter); with `max_tokens`, of as many rows
-    as keep rows x the slice's longest row within it (`token_budget_bounds`), whatever `size`."""
+    as keep the slice's tokens within it (`token_budget_bounds`), whatever `size`."""
     if max_tokens is None:
         return [batch.select(slice(i, i + size)) for i in range(0, len(batch), size)]
-    b = token_budget_bounds(batch.attention_mask.sum(1).tolist(), max_tokens)
+    b = token_budget_bounds(batch.attention_mask.sum(1).tolist(), max_tokens, packed)
     return [batch.select(slice(b[k], b[k + 1])) for k in range(len(b) - 1)]
 
 
-def token_budget_bounds(lengths: list[int], max_tokens: int) -> list[int]:
+def token_budget_bounds(lengths: list[int], max_tokens: int, packed: bool = False) -> list[int]:
     """Where each micro-batch starts (and the end), cutting the rows in their order: a micro-batch
-    takes the next row while (its rows + 1) x its longest row, the padded tokens of its forward,
-    stays within `max_tokens`. A row longer than the budget runs alone."""
+    takes the next row while the tokens of its forward stay within `max_tokens`: (its rows + 1) x
+    its longest row, padded; with `packed` (remove_padding) the rows' own tokens. A row longer than
+    the budget runs alone."""
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-    bounds, longest = [0], 0
+    bounds, longest, total = [0], 0, 0
     for i, n in enumerate(lengths):
-        if i > bounds[-1] and (i - bounds[-1] + 1) * max(longest, n) > max_tokens:
+        cost = total + n if packed else (i - bounds[-1] + 1) * max(longest, n)
+        if i > bounds[-1] and cost > max_tokens:
             bounds.append(i)
-            longest = 0
-        longest = max(longest, n)
+            longest = total = 0
+        longest, total = max(longest, n), total + n
     return bounds + [len(lengths)] if lengths else bounds
 
 

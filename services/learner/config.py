@@ -114,7 +114,14 @@ class LearnerConfig(_Strict):
         True,
         description="Run each distinct prompt once per micro-batch and only the responses per row, on the "
         "prompt's KV cache (a GRPO group of G shares its prompt): same logits at every response position, "
-        "less work. Needs transformers' layered cache (5.x); off with gradient checkpointing.",
+        "less work. Needs transformers' layered cache (5.x); off with gradient checkpointing or remove_padding.",
+    )
+    remove_padding: bool = Field(
+        False,
+        description="Pack each micro-batch's rows into one sequence (position ids restart per row, transformers "
+        "masks the rows off from each other): no padded position is computed, the same values. The attention "
+        "stays dense over the packed length under sdpa/eager (a varlen kernel skips that); a token budget "
+        "then counts the rows' own tokens. Turns share_prefix off (services/learner/packing.py).",
     )
     hold_full_params: bool | None = Field(
         None,

@@ -25,6 +25,7 @@ from services import algorithm as alg
 from services.config import LearnerConfig
 from services.learner.batch import TrainBatch, inert_micro_batch, micro_batches
 from services.learner.head import final_hidden, head_outputs, head_weight
+from services.learner.packing import Packed, pack, packed_rows, unpack
 from services.learner.prefix import shared_prefix_forward, shared_prefix_response_hidden
 from services.learner.stats import irrelevant_entropy
 
@@ -52,6 +53,7 @@ class ForwardSpec:
     share_prefix: bool
     chunk_size: int
     irrelevant_ids: tuple[int, ...] = ()
+    packed: bool = False  # remove_padding: the rows packed into one sequence (packing.py)
 
 
 def token_outputs(model, mb: TrainBatch, spec: ForwardSpec, *, temperature: float = 1.0, loss_entropy: bool = False,
@@ -62,12 +64,17 @@ def token_outputs(model, mb: TrainBatch, spec: ForwardSpec, *, temperature: floa
     width = int(mb.attention_mask.sum(1).max())
     tokens, attn, resp = mb.tokens[:, :width], mb.attention_mask[:, :width], mb.response_mask[:, :width]
     share = spec.share_prefix and not all_positions
+    packed = pack(tokens, attn) if spec.packed and not share else None
+    if packed is not None and not spec.chunked:
+        return _packed_plain(model, packed, spec, temperature, loss_entropy, observe, width)
     if spec.chunked:
+        positions = (attn if all_positions else resp)[:, 1:]
         if share:  # the response positions only, in the order of resp[:, 1:]: no [b, w, h] row layout
             hidden = shared_prefix_response_hidden(model, tokens, attn, resp)
+        elif packed is not None:  # the wanted positions only, picked out of the packed sequence
+            hidden = packed_rows(_packed_forward(model, packed, hidden=True), packed, positions)
         else:
             hidden = final_hidden(model, input_ids=tokens, attention_mask=attn, use_cache=False)[0][:, :-1]
-        positions = (attn if all_positions else resp)[:, 1:]
         ids = spec.irrelevant_ids if observe else ()
         lp, ent, irr = head_outputs(hidden, head_weight(model), tokens[:, 1:], positions, temperature,
                                     spec.chunk_size, loss_entropy or observe, ids)
@@ -88,6 +95,32 @@ def token_outputs(model, mb: TrainBatch, spec: ForwardSpec, *, temperature: floa
             observed = ent.detach() if ent is not None else alg.exact_entropy(logits.detach(), temperature, spec.chunk_size)
             irr = irrelevant_entropy(logits, list(spec.irrelevant_ids), spec.chunk_size)
     return TokenOutputs(lp, ent if loss_entropy else None, observed, irr, width)
+
+
+def _packed_forward(model, packed: Packed, hidden: bool) -> torch.Tensor:
+    """The packed sequence's final hidden states (`hidden`) or logits, [1, T - 1, .]: position ids and
+    no attention mask, so transformers masks each row off from the others."""
+    kwargs = dict(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False)
+    if hidden:
+        return final_hidden(model, **kwargs)[0][:, :-1]
+    return model(**kwargs).logits[:, :-1]
+
+
+def _packed_plain(model, packed: Packed, spec: ForwardSpec, temperature: float, loss_entropy: bool,
+                  observe: bool, width: int) -> TokenOutputs:
+    """The plain head on the packed sequence: [1, T, V] logits (the rows' tokens, no padding), the
+    per-token values unpacked to the row layout."""
+    logits = _packed_forward(model, packed, hidden=False)
+    joint = loss_entropy or (observe and not torch.is_grad_enabled())
+    lp, ent = alg.token_logprobs_and_entropy(logits, packed.input_ids[:, 1:], temperature, spec.chunk_size, joint)
+    observed = irr = None
+    if observe:
+        with torch.no_grad():
+            seen = ent.detach() if ent is not None else alg.exact_entropy(logits.detach(), temperature, spec.chunk_size)
+            observed = unpack(seen, packed)
+            irr = unpack(irrelevant_entropy(logits, list(spec.irrelevant_ids), spec.chunk_size), packed)
+    entropy = unpack(ent, packed) if loss_entropy else None
+    return TokenOutputs(unpack(lp, packed), entropy, observed, irr, width)
 
 
 # what `policy_loss` reports that adds across micro-batches, and the real tokens trained on
@@ -115,7 +148,7 @@ def rank_micro_batches(batch: TrainBatch, cfg: LearnerConfig, world_size: int,
     FSDP's collectives (an all-gather per forward and backward, the reduce-scatter on the last
     micro-batch) pair up only if every rank runs as many: the count is agreed (an all-reduce of
     the max) and a rank with fewer appends inert one-row micro-batches, which add nothing."""
-    micro = micro_batches(batch, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch)
+    micro = micro_batches(batch, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch, packed=cfg.remove_padding)
     real = len(micro)
     if cfg.max_tokens_per_micro_batch is not None and world_size > 1:
         most = int(all_reduce(torch.tensor([real], dtype=torch.int64), op=dist.ReduceOp.MAX).item())

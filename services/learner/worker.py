@@ -90,7 +90,8 @@ class LearnerWorker:
         self.optimizer = make_adamw(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         self.irrelevant_ids = token_ids(self.model_path, self.cfg.entropy_analysis.irrelevant_tokens or [])
         # the prompt-once forward feeds a KV cache with gradients; checkpointed layers drop caches
-        self._share_prefix = self.cfg.share_prefix and not self.cfg.gradient_checkpointing and layered_cache_supported()
+        self._share_prefix = (self.cfg.share_prefix and not self.cfg.gradient_checkpointing and not self.cfg.remove_padding
+                              and layered_cache_supported())
         self._hold = hold_full_params(self.cfg, self.device)
         if self.cfg.chunked_head:
             check_plain_head(self.model)
@@ -106,7 +107,8 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ forward passes
     def _spec(self) -> ForwardSpec:
-        return ForwardSpec(self.cfg.chunked_head, self._share_prefix, self.cfg.entropy_chunk_size, tuple(self.irrelevant_ids))
+        return ForwardSpec(self.cfg.chunked_head, self._share_prefix, self.cfg.entropy_chunk_size, tuple(self.irrelevant_ids),
+                           packed=self.cfg.remove_padding)
 
     def _micro_batches(self, batch: TrainBatch) -> tuple[list[TrainBatch], int]:
         return rank_micro_batches(batch, self.cfg, self.world_size, self._all_reduce)

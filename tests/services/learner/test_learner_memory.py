@@ -232,3 +232,69 @@ def test_in_bf16_the_chunked_head_keeps_the_plain_paths_values_and_float32s_grad
     for got in (plain, chunked):
         for a, b in zip(got[2:], want[2:]):
             assert float((a - b).abs().max() / b.abs().max()) < 1e-2
+
+
+# ------------------------------------------------------------------ padding removal (packing.py)
+
+
+def test_two_rows_pack_into_one_sequence_and_unpack_to_the_row_layout():
+    from services.learner.packing import pack, packed_rows, unpack
+
+    tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
+    p = pack(tokens, (tokens != 0).long())
+    assert p.input_ids.tolist() == [[5, 6, 7, 8, 9]] and p.position_ids.tolist() == [[0, 1, 2, 0, 1]]
+    # row 0's positions 0, 1 predict 6, 7 (packed 0, 1); row 1's position 0 predicts 9 (packed 3)
+    assert p.valid.tolist() == [[True, True, False], [True, False, False]]
+    assert p.index[p.valid].tolist() == [0, 1, 3]
+    values = torch.tensor([[10.0, 11.0, 12.0, 13.0]])  # packed positions 0..3 (position 2 predicts across rows)
+    assert unpack(values, p).tolist() == [[10.0, 11.0, 0.0], [13.0, 0.0, 0.0]]
+    assert packed_rows(values.unsqueeze(-1), p, torch.tensor([[0, 1, 0], [1, 0, 0]]))[:, 0].tolist() == [11.0, 13.0]
+    with pytest.raises(ValueError, match="past its row's last token"):
+        packed_rows(values, p, torch.tensor([[0, 0, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="right-padded"):
+        pack(torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]))
+
+
+def test_a_packed_token_budget_counts_the_rows_own_tokens():
+    assert token_budget_bounds([6, 2, 2, 2], 10) == [0, 1, 4]  # padded: 2 x 6 > 10; then 3 x 2
+    assert token_budget_bounds([6, 2, 2, 2], 10, packed=True) == [0, 3, 4]  # 6 + 2 + 2 = 10, + 2 > 10
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["plain-head", "chunked-head"])
+@pytest.mark.parametrize("all_positions", [False, True])
+def test_packed_rows_give_the_padded_forwards_values_and_gradient(chunked, all_positions):
+    """Three rows of 65, 47 and 32 tokens packed into 144: no row sees another (transformers' packed
+    mask from the position ids), so every value read and the loss's gradient equal the padded path's."""
+    batch = seq_batch(seed=4)
+    model = small_qwen(tied=False)
+    algo = EntropyRegConfig(beta=0.5)
+    if all_positions:
+        with torch.no_grad():
+            ref = token_outputs(model, batch, ForwardSpec(chunked, False, 16, IRRELEVANT), all_positions=True, observe=True)
+            got = token_outputs(model, batch, ForwardSpec(chunked, False, 16, IRRELEVANT, packed=True), all_positions=True,
+                                observe=True)
+        where = batch.attention_mask[:, 1:].bool()
+    else:
+        want, ref = loss_grads(model, batch, ForwardSpec(chunked, False, 16, IRRELEVANT), algo, {}, 1.3)
+        grads, got = loss_grads(model, batch, ForwardSpec(chunked, False, 16, IRRELEVANT, packed=True), algo, {}, 1.3)
+        assert_close_grads(grads, want, rel=1e-4)
+        where = batch.response_mask[:, 1:].bool()
+    assert got.width == ref.width
+    for a, b in ((got.logp, ref.logp), (got.observed, ref.observed), (got.irrelevant, ref.irrelevant)):
+        assert torch.allclose(a[where], b[where], rtol=1e-5, atol=1e-5)
+    if not chunked:  # the plain path's unread padding positions hold the model's values; packed, zeros
+        assert float(got.logp.detach()[~batch.attention_mask[:, 1:].bool()].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("budget", [None, 60])
+def test_remove_padding_gives_the_padded_update_on_one_rank(tiny_model_path, budget):
+    batch = _grouped_rows(seed=2)
+    base = dict(num_workers=1, cpus_per_worker=2, micro_batch_size=4, mini_batches=1, share_prefix=False, chunked_head=True,
+                entropy_chunk_size=16)
+    algo = AdaptiveEntropyConfig()
+    packed = LearnerConfig(**base).model_copy(update={"remove_padding": True, "max_tokens_per_micro_batch": budget})
+    a, wa = _one_rank(tiny_model_path, LearnerConfig(**base), algo, batch, {"entropy_coef": 0.1})
+    b, wb = _one_rank(tiny_model_path, packed, algo, batch, {"entropy_coef": 0.1})
+    assert _max_diff(wa, wb) < 2e-6
+    for key in ("entropy", "pg_loss", "entropy_bonus", "grad_norm", "tokens"):
+        assert a[key] == pytest.approx(b[key], rel=1e-5), key
