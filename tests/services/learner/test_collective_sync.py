@@ -16,27 +16,12 @@ import pytest
 import torch
 from reference_decoding import hf_model_with, reference_greedy
 
-from services.backends.network import free_port
 from services.config import GRPOConfig, LearnerConfig, RecoveryConfig, RolloutConfig
 from services.learner.collective import (CollectiveWeights, SyncMember, SyncTicket, is_collective, open_rendezvous)
-from services.learner.worker import LearnerWorker
 from services.model.tiny import encode_prompt
 from services.rollout.engines.hf import HFEngine
 
 PROMPTS = ["9,8,3>69|", "1,2,3>6|", "4,5,6>120|", "7,7,7>1|"]
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_model_path):
-    """One learner rank (its own gloo group) whose weights moved away from the checkpoint's."""
-    w = LearnerWorker(0, 1, tiny_model_path, LearnerConfig(num_workers=1, sync_bucket_mb=1), GRPOConfig(), seed=0)
-    w.setup("127.0.0.1", free_port())
-    with torch.no_grad():
-        for p in w.model.parameters():
-            local = p.to_local()
-            local.add_(0.01 * torch.randn(local.shape, generator=torch.Generator().manual_seed(4)))
-    yield w
-    w.shutdown()
 
 
 def _sync_in_threads(worker, engine, rdv=None, timeout_s: float = 60.0):

@@ -7,12 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.backends.network import free_port
 from services.backends.weight_buckets import (ALIGN, BucketedWeights, as_bucketed, iter_bucket_tensors, pack_bucket,
                                               unpack_bucket)
-from services.config import GRPOConfig, LearnerConfig
 from services.learner.sync import bucket_refs, local_buckets, resolve_sync_dtype
-from services.learner.worker import LearnerWorker
 from services.rollout.engines.hf import HFEngine, copy_into
 
 
@@ -44,19 +41,6 @@ def test_auto_sync_dtype_is_what_the_engines_compute_in(tmp_path):
     assert resolve_sync_dtype("auto", "cuda", str(tmp_path)) == torch.float16
     assert resolve_sync_dtype("bfloat16", "cpu", str(tmp_path)) == torch.bfloat16
     assert resolve_sync_dtype("float32", "cuda", str(tmp_path)) == torch.float32
-
-
-@pytest.fixture(scope="module")
-def worker(tiny_model_path):
-    """One learner rank (gloo, one process) whose weights moved away from the checkpoint's."""
-    w = LearnerWorker(0, 1, tiny_model_path, LearnerConfig(num_workers=1, sync_bucket_mb=1), GRPOConfig(), seed=0)
-    w.setup("127.0.0.1", free_port())
-    with torch.no_grad():
-        for p in w.model.parameters():
-            local = p.to_local()  # one rank: its shard is the whole parameter
-            local.add_(0.01 * torch.randn(local.shape, generator=torch.Generator().manual_seed(3)))
-    yield w
-    w.shutdown()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
