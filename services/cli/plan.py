@@ -158,11 +158,12 @@ class RoleNeed:
 
 
 def learner_device(lc, cluster_gpus: float) -> str:
-    """`services.learner.group._resolve_device` on this cluster: cuda when asked, or (auto) when the
-    cluster has a GPU for every worker; the rollout actors' GPUs are not subtracted, as there."""
+    """`services.learner.group._resolve_device` on this cluster: cuda when asked or (auto) when the
+    cluster has any GPU (too few are refused by the count, as the group refuses them); the rollout
+    actors' GPUs are not subtracted, as there."""
     if lc.device != "auto":
         return lc.device
-    return "cuda" if cluster_gpus >= lc.num_workers else "cpu"
+    return "cuda" if cluster_gpus > 0 else "cpu"
 
 
 def role_needs(cfg, cluster_gpus: float) -> tuple[list[RoleNeed], str]:

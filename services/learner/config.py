@@ -63,7 +63,8 @@ class LearnerConfig(_Strict):
         1.0, gt=0.0, description="Ray CPUs per learner actor (its placement-group bundle); fractions let 2 learners share a core."
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto = cuda (NCCL, bf16 mixed precision) when the cluster has a GPU per worker, else cpu (gloo, float32)."
+        "auto", description="auto = cuda (NCCL, bf16 mixed precision) when the cluster has a GPU per worker, cpu (gloo, float32) "
+        "when it has none; fewer GPUs than workers is an error (never a silent move to the CPUs)."
     )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Ray placement-group strategy of the learner bundles."

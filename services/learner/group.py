@@ -16,12 +16,20 @@ from services.learner.worker import LearnerWorker
 
 
 def _resolve_device(cfg: LearnerConfig) -> str:
-    """cuda when asked, or (auto) when the cluster has a GPU for every worker."""
+    """cuda when asked, or (auto) when the cluster has a GPU for every worker; cpu (auto) on a
+    cluster without GPUs. A cluster with some GPUs but fewer than the workers is an error: falling
+    back to the CPU there would run a GPU-sized model on host memory, silently."""
     if cfg.device != "auto":
         return cfg.device
     import ray
 
-    return "cuda" if ray.cluster_resources().get("GPU", 0) >= cfg.num_workers else "cpu"
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= cfg.num_workers:
+        return "cuda"
+    if gpus > 0:
+        raise ValueError(f"learner.device auto: the cluster has {gpus:g} GPUs for {cfg.num_workers} learner workers; "
+                         f"set learner.num_workers to {int(gpus)} or fewer, or learner.device: cpu to train on the CPUs")
+    return "cpu"
 
 
 class LearnerGroup:

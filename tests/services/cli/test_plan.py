@@ -257,8 +257,7 @@ def test_this_machine_oversubscribed_is_a_note_not_a_refusal():
     assert any("5 CPUs, the cluster has 2: aepo train oversubscribes" in w for w in plan.warnings)
 
 
-@pytest.mark.parametrize("device,gpus,workers", [("auto", 8, 8), ("auto", 7, 8), ("auto", 0, 2), ("cpu", 8, 2),
-                                                 ("cuda", 0, 2)])
+@pytest.mark.parametrize("device,gpus,workers", [("auto", 8, 8), ("auto", 0, 2), ("cpu", 8, 2), ("cuda", 0, 2)])
 def test_the_learner_device_is_the_groups_own_rule(monkeypatch, device, gpus, workers):
     import ray
 
@@ -269,6 +268,21 @@ def test_the_learner_device_is_the_groups_own_rule(monkeypatch, device, gpus, wo
     lc = LearnerConfig(device=device, num_workers=workers)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": float(gpus)})
     assert learner_device(lc, gpus) == _resolve_device(lc)
+
+
+def test_auto_with_too_few_gpus_is_refused_not_moved_to_the_cpu(capsys, monkeypatch):
+    """7 GPUs for 8 workers: the group refuses to start (it used to train on the CPUs, silently) and
+    the plan refuses the GPU count."""
+    import ray
+
+    from services.config import LearnerConfig
+    from services.learner.group import _resolve_device
+
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 7.0})
+    with pytest.raises(ValueError, match="7 GPUs for 8 learner workers; set learner.num_workers to 7 or fewer"):
+        _resolve_device(LearnerConfig(device="auto", num_workers=8))
+    rc, out = run(capsys, RECIPE, "--gpus", "7", "--gpu-memory-gib", "80")
+    assert rc == 1 and "refused: learner needs 8 GPUs" in out, out
 
 
 def test_the_ray_cluster_is_read_from_ray(ray_local):
