@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_remove_padding.py [--reps 5] [--rows 8] [--threads 2]
 
-A random Qwen2 with Qwen2.5's vocabulary (151,936) and a small body (hidden 256, 4 layers), and
+A random Qwen2 with Qwen2.5's vocabulary (151,936) and a small body (--hidden 256, --layers 4), and
 one rank's share of an RL batch whose responses differ in length as sampled ones do (a 64-token
 prompt, responses uniform in 16..--max-response tokens). Each variant runs the same `update`
 (forward, backward, AdamW; GRPO; the chunked head), interleaved A/B/C per repetition; medians
@@ -30,13 +30,15 @@ sys.path.insert(0, str(ROOT))
 from services.backends.network import free_port  # noqa: E402
 
 
-def write_model(path: Path) -> None:
+def write_model(path: Path, hidden: int, layers: int) -> None:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=151936, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+    heads = max(1, hidden // 64)
+    cfg = Qwen2Config(vocab_size=151936, hidden_size=hidden, intermediate_size=hidden * 16 // 3 // 64 * 64 or 64,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 7) if heads % 7 == 0
+                      else max(1, heads // 2), max_position_embeddings=4096, tie_word_embeddings=True)
     Qwen2ForCausalLM(cfg).save_pretrained(path)
 
 
@@ -58,12 +60,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--max-response", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256, help="896: Qwen2.5-0.5B's width (MLP 4,736 here, 14 heads / 2 kv)")
+    ap.add_argument("--layers", type=int, default=4)
     args = ap.parse_args()
     from services.config import GRPOConfig, LearnerConfig
     from services.learner.worker import LearnerWorker
 
     path = Path(tempfile.mkdtemp(prefix="aepo-bench-pad-"))
-    write_model(path)
+    write_model(path, args.hidden, args.layers)
     batch = rl_batch(args.rows, args.max_response)
     lengths = batch.attention_mask.sum(1)
     base = dict(num_workers=1, cpus_per_worker=args.threads, micro_batch_size=args.rows, mini_batches=1, lr=1e-7,
@@ -88,7 +92,8 @@ def main() -> None:
     for name, (_, positions) in variants.items():
         print(json.dumps({"variant": name, "rows": args.rows, "tokens": int(lengths.sum()), "positions": positions,
                           "update_s": round(statistics.median(times[name][1:]), 3),
-                          "runs_s": [round(t, 3) for t in times[name][1:]], "threads": args.threads}), flush=True)
+                          "runs_s": [round(t, 3) for t in times[name][1:]], "threads": args.threads, "hidden": args.hidden,
+                          "layers": args.layers}), flush=True)
 
 
 if __name__ == "__main__":
