@@ -103,7 +103,8 @@ class LearnerConfig(_Strict):
         "unresolved). collective = learner rank 0 and every engine form one extra process group (gloo for CPU "
         "learners, NCCL on GPU, beside the learners' own) and rank 0 broadcasts each bucket while the engines "
         "receive and load it (vLLM: its workers join, inside the layerwise reload); the same weights "
-        "either way, so no sample changes (services/learner/collective.py).",
+        "either way, so no sample changes (services/learner/collective.py). Not with NCCL and colocated engines: "
+        "NCCL refuses two ranks on one GPU.",
     )
     sort_by_length: bool = Field(
         True,

@@ -32,6 +32,16 @@ def _resolve_device(cfg: LearnerConfig) -> str:
     return "cpu"
 
 
+def check_transport(cfg: LearnerConfig, device: str, colocated: bool) -> None:
+    """Refuse a collective weight sync NCCL cannot run: colocated, learner rank 0 and rollout engine 0
+    share one GPU, and NCCL refuses a communicator with two ranks on one device ("Duplicate GPU
+    detected"). Gloo (CPU learners) has no such rule."""
+    if cfg.sync_transport == "collective" and device == "cuda" and colocated:
+        raise ValueError("learner.sync_transport collective with rollout.placement colocated on GPUs: NCCL refuses two "
+                         "ranks on one GPU (learner rank 0 and its engine share one); use sync_transport object_store "
+                         "(the default) or rollout.placement split")
+
+
 class LearnerGroup:
     """`cfg.num_workers` LearnerWorker actors in one placement group, forming one process group."""
 
@@ -42,6 +52,7 @@ class LearnerGroup:
         self.cfg, self.world_size = cfg, cfg.num_workers
         self.recovery = rc = recovery or RecoveryConfig()
         self.device = _resolve_device(cfg)
+        check_transport(cfg, self.device, colocated=bundles is not None)
         self.workers: list = []
         # colocated (services/backends/placement.py): the run's shared bundles, which outlive this group
         self._own_pg = bundles is None

@@ -127,6 +127,17 @@ def test_a_kept_collective_handle_refuses_a_resync_once_the_learners_moved_on():
         handle.start_send(None)
 
 
+def test_nccl_with_colocated_engines_is_refused_before_any_actor_starts():
+    from services.learner.group import check_transport
+
+    collective = LearnerConfig(sync_transport="collective")
+    with pytest.raises(ValueError, match="NCCL refuses two ranks on one GPU"):
+        check_transport(collective, "cuda", colocated=True)
+    check_transport(collective, "cuda", colocated=False)  # split: each engine on its own GPU
+    check_transport(collective, "cpu", colocated=True)  # gloo
+    check_transport(LearnerConfig(), "cuda", colocated=True)  # the object store
+
+
 def test_a_member_joins_a_new_generation_and_leaves_the_old():
     rdv, _ = open_rendezvous("gloo", 1, 10.0, "127.0.0.1")
     member = SyncMember()
