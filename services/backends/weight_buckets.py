@@ -17,9 +17,9 @@ buffers by broadcast instead, with the index beside each, and the engines unpack
 from __future__ import annotations
 
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -102,16 +102,26 @@ def iter_bucket_tensors(weights: BucketedWeights) -> Iterator[list[tuple[str, to
         return
     import ray
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="bucket-fetch") as fetcher:
-        def fetch(k: int) -> Future | None:
-            return fetcher.submit(ray.get, items[k]) if k < len(items) and _is_ref(items[k]) else None
+    pending = iter(items)
 
-        nxt = fetch(0)
-        for k, item in enumerate(items):
-            current = nxt.result() if nxt is not None else item
-            nxt = fetch(k + 1)
-            yield unpack_bucket(current)
-            del current  # the object store's pin on a bucket goes with the last view of it
+    def fetch() -> dict | None:
+        item = next(pending, None)
+        return ray.get(item) if item is not None and _is_ref(item) else item
+
+    for bucket in prefetched(fetch, "bucket-fetch"):
+        yield unpack_bucket(bucket)
+
+
+def prefetched(fetch: Callable[[], Any], thread_name: str) -> Iterator[Any]:
+    """`fetch()`'s items until it returns None, the next one fetched on a thread while the caller
+    uses the current one: at most two are held. Both receiving sides of the weight sync use it
+    (the object store's buckets above, the collective's in services/learner/collective.py)."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name) as fetcher:
+        nxt = fetcher.submit(fetch)
+        while (item := nxt.result()) is not None:
+            nxt = fetcher.submit(fetch)
+            yield item
+            del item  # an object store's pin on a bucket goes with the last view of it
 
 
 def _is_ref(item: Any) -> bool:

@@ -32,7 +32,6 @@ import json
 import os
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
@@ -40,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from services.backends.network import LOOPBACK, is_loopback, rendezvous_port, store_path
-from services.backends.weight_buckets import unpack_bucket
+from services.backends.weight_buckets import prefetched, unpack_bucket
 
 
 @dataclass(frozen=True)
@@ -220,15 +219,8 @@ def receive_buckets(pg, device: torch.device) -> Iterator[list[tuple[str, torch.
         while (bucket := _receive_one(pg, device)) is not None:
             yield unpack_bucket(bucket)
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-recv") as receiver:
-        nxt = receiver.submit(_receive_one, pg, device)
-        while True:
-            bucket = nxt.result()
-            if bucket is None:
-                return
-            nxt = receiver.submit(_receive_one, pg, device)
-            yield unpack_bucket(bucket)
-            del bucket
+    for bucket in prefetched(lambda: _receive_one(pg, device), "sync-recv"):
+        yield unpack_bucket(bucket)
 
 
 def receive_weights(member: SyncMember, ticket: SyncTicket, device: torch.device,

@@ -86,15 +86,20 @@ def token_outputs(model, mb: TrainBatch, spec: ForwardSpec, *, temperature: floa
         logits = shared_prefix_forward(model, tokens, attn, resp)
     else:
         logits = model(input_ids=tokens, attention_mask=attn, use_cache=False).logits
-    logits = logits[:, :-1]
+    return TokenOutputs(*_plain_head(logits[:, :-1], tokens[:, 1:], spec, temperature, loss_entropy, observe), width)
+
+
+def _plain_head(logits, targets, spec: ForwardSpec, temperature: float, loss_entropy: bool, observe: bool) -> tuple:
+    """(log π, the entropy with grad or None, the observed entropy, its irrelevant part) from the
+    model's logits, per position (the last two None unless `observe`)."""
     joint = loss_entropy or (observe and not torch.is_grad_enabled())
-    lp, ent = alg.token_logprobs_and_entropy(logits, tokens[:, 1:], temperature, spec.chunk_size, joint)
+    lp, ent = alg.token_logprobs_and_entropy(logits, targets, temperature, spec.chunk_size, joint)
     observed = irr = None
     if observe:
         with torch.no_grad():
             observed = ent.detach() if ent is not None else alg.exact_entropy(logits.detach(), temperature, spec.chunk_size)
             irr = irrelevant_entropy(logits, list(spec.irrelevant_ids), spec.chunk_size)
-    return TokenOutputs(lp, ent if loss_entropy else None, observed, irr, width)
+    return lp, ent if loss_entropy else None, observed, irr
 
 
 def _packed_forward(model, packed: Packed, hidden: bool) -> torch.Tensor:
@@ -111,16 +116,8 @@ def _packed_plain(model, packed: Packed, spec: ForwardSpec, temperature: float, 
     """The plain head on the packed sequence: [1, T, V] logits (the rows' tokens, no padding), the
     per-token values unpacked to the row layout."""
     logits = _packed_forward(model, packed, hidden=False)
-    joint = loss_entropy or (observe and not torch.is_grad_enabled())
-    lp, ent = alg.token_logprobs_and_entropy(logits, packed.input_ids[:, 1:], temperature, spec.chunk_size, joint)
-    observed = irr = None
-    if observe:
-        with torch.no_grad():
-            seen = ent.detach() if ent is not None else alg.exact_entropy(logits.detach(), temperature, spec.chunk_size)
-            observed = unpack(seen, packed)
-            irr = unpack(irrelevant_entropy(logits, list(spec.irrelevant_ids), spec.chunk_size), packed)
-    entropy = unpack(ent, packed) if loss_entropy else None
-    return TokenOutputs(unpack(lp, packed), entropy, observed, irr, width)
+    values = _plain_head(logits, packed.input_ids[:, 1:], spec, temperature, loss_entropy, observe)
+    return TokenOutputs(*(None if v is None else unpack(v, packed) for v in values), width)
 
 
 # what `policy_loss` reports that adds across micro-batches, and the real tokens trained on

@@ -147,8 +147,13 @@ def export_buckets(model, cfg, rank: int, dtype: torch.dtype) -> Iterator[Any]:
         count, nbytes, tensors = count + 1, nbytes + bucket_bytes(packed), tensors + len(packed["index"])
         yield packed
     if rank == 0:
-        yield {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
-               "aliases": tied_aliases(model)}
+        yield _manifest(model, dtype, count, nbytes, tensors)
+
+
+def _manifest(model, dtype: torch.dtype, count: int, nbytes: int, tensors: int) -> dict:
+    """What rank 0 reports of an export, whichever transport carried it."""
+    return {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
+            "aliases": tied_aliases(model)}
 
 
 def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvous, host: str | None,
@@ -185,7 +190,7 @@ def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvo
             sender = None  # with the member's reference gone, the group closes: receivers blocked on it fail now
             member.drop()
             continue
-        count, nbytes, tensors = count + 1, nbytes + sum(e[4] for e in index), tensors + len(index)
+        count, nbytes, tensors = count + 1, nbytes + bucket_bytes({"index": index}), tensors + len(index)
     if rank != 0:
         return None
     if error is None:
@@ -195,8 +200,7 @@ def broadcast_export(model, cfg, rank: int, dtype: torch.dtype, member, rendezvo
             error = f"{type(exc).__name__}: {exc}"
             sender = None
             member.drop()
-    manifest = {"dtype": str(dtype).removeprefix("torch."), "buckets": count, "bytes": nbytes, "tensors": tensors,
-                "aliases": tied_aliases(model), "transport": "collective"}
+    manifest = {**_manifest(model, dtype, count, nbytes, tensors), "transport": "collective"}
     if error is not None:
         manifest["error"] = error
     return manifest

@@ -31,6 +31,7 @@ class SyncSizes:
     bucket: int
     shm_per_engine: int
     layerwise: bool  # vLLM's layerwise reload (one bucket file at a time) assumed
+    asked: bool = True  # False: no vLLM here to ask, layerwise assumed
 
 
 def sync_sizes(cfg, shape, learner_device: str) -> SyncSizes:
@@ -43,7 +44,7 @@ def sync_sizes(cfg, shape, learner_device: str) -> SyncSizes:
     layerwise = vllm_layerwise_reload() if cfg.rollout.engine in ("vllm", "vllm-cpu") else None  # importing vLLM takes seconds
     tied_copy = s * embedding if shape.tied else 0
     shm = (bucket if layerwise is not False else s * shape.params) + tied_copy
-    return SyncSizes(s, bucket, shm, layerwise is not False)
+    return SyncSizes(s, bucket, shm, layerwise is not False, layerwise is not None)
 
 
 def vllm_layerwise_reload() -> bool | None:
@@ -71,7 +72,7 @@ def add_sync_terms(est, cfg, shape, learner_device: str, warnings: list[str]) ->
     if cfg.rollout.engine in ("vllm", "vllm-cpu"):
         how = "one bucket file at a time" if sizes.layerwise else f"every bucket's file ({s} P)"
         est.add(f"weight sync: {A} vLLM engines' files in /dev/shm ({how})", "A x shm", sizes.shm_per_engine * A, "sync")
-        if sizes.layerwise and vllm_layerwise_reload() is None:
+        if not sizes.asked:
             warnings.append("weight sync: no vLLM here to ask; the plan assumes the engines' vLLM has the layerwise "
                             "reload (one bucket in /dev/shm at a time); without it each engine writes the whole "
                             f"model there, {s * shape.params / 2**30:.1f} GiB")
